@@ -1,0 +1,50 @@
+"""Request and response bodies of the HTTP API (pydantic)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateParameters(BaseModel):
+    """Decoding parameters. With none given, decoding is greedy with ``max_new_tokens`` from the server settings
+    (64 by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (>= 1).")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off.")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Per-request sampling seed.")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(..., description="Text the task's virtual tokens are prepended to. May be empty "
+                        "when the task has a soft prompt.")
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(..., description="Text tokens of the input; virtual tokens are not counted here.")
+    virtual_tokens: int = Field(..., description="The soft prompt's virtual tokens.")
+    completion_tokens: int = Field(..., description="Generated tokens (an EOS token included).")
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    finish_reason: str
+    task: str | None
+    prompt_version: int | None
+    usage: Usage
+
+
+class TaskInfo(BaseModel):
+    task: str
+    num_virtual_tokens: int
+    version: int
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]

@@ -1,0 +1,126 @@
+"""Application assembly: :class:`AppState` (model, engine, prompt registry/store, metrics) and :func:`create_app`.
+
+Start-up order (FastAPI lifespan): load the model (unless one was passed in), start the engine thread, scan the
+prompt directory, start the watcher; ``/ready`` turns 200 after that. Shut-down reverses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+
+from prompt_store.formats import Limits
+from prompt_store.registry import PromptRegistry, SoftPrompt
+from prompt_store.store import PromptStore
+from server import __version__
+from server.api import admin, generate, ops
+from server.api.errors import install_error_handlers
+from server.config import Settings
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.model_loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Everything the routers need, reachable through ``request.app.state.sp`` (see :mod:`server.api.deps`)."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    registry: PromptRegistry = field(default_factory=PromptRegistry)
+    loaded: LoadedModel | None = None
+    engine: Engine | None = None
+    store: PromptStore | None = None
+    ready: bool = False
+
+    def start(self) -> None:
+        """Blocking start-up (run in a worker thread by the lifespan)."""
+        s = self.settings
+        if self.loaded is None:
+            self.loaded = load_model(s.model, cache_dir=s.cache_dir, device=s.device, dtype=s.dtype)
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        self.engine = Engine(
+            self.loaded,
+            EngineConfig(
+                max_num_seqs=s.max_num_seqs,
+                max_num_batched_tokens=s.max_num_batched_tokens,
+                kv_cache_bytes=s.kv_cache_bytes,
+                max_virtual_tokens=s.max_virtual_tokens,
+                prefix_cache_bytes=s.prefix_cache_bytes,
+                max_waiting=s.max_waiting,
+            ),
+            self.metrics,
+        )
+        self.engine.start()
+        m = self.metrics
+        m.prompts_loaded.set_function(lambda: len(self.registry))
+        self.store = PromptStore(
+            s.prompts,
+            self.registry,
+            Limits(self.loaded.hidden_size, s.max_virtual_tokens, s.max_prompt_bytes),
+            on_load=self._on_load,
+            on_error=self._on_error,
+        )
+        if s.prompts is not None:
+            stats = self.store.scan()
+            log.info("prompt scan of %s: %s", s.prompts, stats)
+            if s.watch:
+                self.store.start_watching()
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        if self.store is not None:
+            self.store.stop()
+        if self.engine is not None:
+            self.engine.stop()
+
+    def _on_load(self, prompt: SoftPrompt, action: str) -> None:
+        if action in ("created", "replaced"):
+            self.metrics.prompt_loads.labels(action).inc()
+        log.info("prompt %s v%d %s (%d virtual tokens)", prompt.task, prompt.version, action,
+                 prompt.num_virtual_tokens)
+
+    def _on_error(self, entry: str, error: Exception) -> None:
+        self.metrics.prompt_load_errors.labels(getattr(error, "reason", "error")).inc()
+        log.warning("prompt entry %s skipped: %s", entry, error)
+
+
+def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:
+    """Build the FastAPI app.
+
+    Args:
+        settings: configuration (default: read from the environment).
+        loaded: an already loaded model (tests pass a tiny one); None loads ``settings.model``.
+    """
+    state = AppState(settings or Settings(), loaded=loaded)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(state.start)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.stop)
+
+    app = FastAPI(
+        title="softprompt-server",
+        version=__version__,
+        description="One frozen LLM, many tasks, each a soft prompt, served in mixed-task continuous batches.",
+        lifespan=lifespan,
+    )
+    app.state.sp = state
+    install_error_handlers(app)
+    app.include_router(generate.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+    return app

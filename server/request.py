@@ -1,0 +1,133 @@
+"""Request state: what the scheduler and engine know about one generation request.
+
+Modelled on vLLM v1: an ordered status enum whose finished states map to API finish reasons. Positions of a
+request's sequence are ``[virtual tokens][text tokens][generated tokens]``; virtual tokens take positions
+``0..n-1`` and text starts at ``n`` (design notes, section 2).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from prompt_store.registry import SoftPrompt
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: every status greater than RUNNING is finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2  # EOS (or, later, a stop string) -> "stop"
+    FINISHED_LENGTH = 3  # max_new_tokens reached -> "length"
+    FINISHED_ABORTED = 4  # the client went away -> "abort"
+    FINISHED_ERROR = 5  # the engine failed -> "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.RUNNING
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters of one request (validated by the API layer).
+
+    Attributes:
+        max_new_tokens: generated tokens at most, >= 1.
+        temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        seed: seeds this request's own generator, so its samples do not depend on the batch; None = random.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request as the engine tracks it.
+
+    Attributes:
+        request_id: unique id.
+        prompt_token_ids: text token ids (no virtual tokens), ``[num_text_tokens]``.
+        params: decoding parameters.
+        soft_prompt: the task's prompt version this request was admitted with (held even if the task's file is
+            replaced or deleted mid-generation), or None for the plain base model.
+        task: task name for metrics ("" for the base model).
+        output_token_ids: generated ids so far.
+        num_computed_tokens: positions whose KV is in the cache.
+        blocks: KV blocks reserved at admission.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    soft_prompt: SoftPrompt | None = None
+    task: str = ""
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    blocks: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    # engine-side state, owned by the engine thread
+    slots: torch.Tensor | None = None  # [max_positions] KV slot ids
+    generator: torch.Generator | None = None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.soft_prompt is None else self.soft_prompt.num_virtual_tokens
+
+    @property
+    def num_prompt_positions(self) -> int:
+        """Virtual + text positions."""
+        return self.num_virtual_tokens + len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """All known positions: virtual + text + generated."""
+        return self.num_prompt_positions + len(self.output_token_ids)
+
+    @property
+    def max_positions(self) -> int:
+        """KV positions reserved: virtual + text + max_new_tokens."""
+        return self.num_prompt_positions + self.params.max_new_tokens
+
+    @property
+    def num_cached_prefix(self) -> int:
+        """Virtual positions served from the per-prompt KV cache at admission: all but the last one."""
+        return max(self.num_virtual_tokens - 1, 0)
+
+    def token_ids_for(self, start: int, end: int) -> list[int]:
+        """Token ids of positions ``[start, end)``; virtual positions read as 0 (their embeddings come from the
+        soft prompt)."""
+        nv = self.num_virtual_tokens
+        seq = self.prompt_token_ids + self.output_token_ids
+        return [0 if p < nv else seq[p - nv] for p in range(start, end)]
