@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.detokenizer import OutputProcessor
 from server.kv_cache import BlockAllocator
 from server.metrics import Metrics
 from server.model_loader import LoadedModel
@@ -68,6 +69,7 @@ class RequestOutput:
 
     Attributes:
         new_token_ids: tokens generated in this step (usually one).
+        text: new text released in this step (complete characters only; never any part of a stop string).
         finished: whether the request is done; then ``finish_reason`` is "stop", "length", "abort" or "error".
         num_prompt_tokens, num_virtual_tokens, num_output_tokens: usage so far, tokens.
         ttft: seconds from arrival to the first token, once known.
@@ -76,6 +78,7 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: tuple[int, ...]
+    text: str
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
@@ -219,6 +222,7 @@ class Engine:
         if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
             raise EngineOverloadedError(f"{self.config.max_waiting} requests already waiting")
         request.eos_token_ids = self.eos_token_ids
+        request.processor = OutputProcessor(self.loaded.tokenizer, self.eos_token_ids, request.params.stop)
         stream = RequestStream(request)
         with self._lock:
             self._streams[request.request_id] = stream
@@ -267,7 +271,7 @@ class Engine:
         if stream is None or stream.request.status.is_finished:
             return
         self.scheduler.finish(stream.request, RequestStatus.FINISHED_ABORTED)
-        self._emit(stream.request, ())
+        self._emit(stream.request, (), "")
 
     def step(self) -> SchedulerOutput:
         """Run one engine step: plan, forward, sample, apply."""
@@ -283,7 +287,7 @@ class Engine:
         sampled = {q.request_id: t for q, t in zip(sampling, tokens, strict=True)}
         self.scheduler.update_from_output(plan, sampled)
         for q in sampling:
-            self._emit(q, (sampled[q.request_id],))
+            self._emit(q, (sampled[q.request_id],), self._text(q, sampled[q.request_id]))
         self.steps += 1
         self._observe(plan)
         return plan
@@ -309,11 +313,26 @@ class Engine:
         assert req.slots is not None  # set by _prepare; internal invariant, not input validation
         return RowInput(req.slots, start, req.token_ids_for(start, start + n), virtual, need_logits)
 
-    def _emit(self, req: Request, new: tuple[int, ...], error: str | None = None) -> None:
+    def _text(self, req: Request, token: int) -> str:
+        """Detokenize ``token`` and apply stop strings; a stop string ends the request now, with reason "stop"."""
+        proc = req.processor
+        if proc is None:
+            return ""
+        text, hit_stop = proc.add(token)
+        if hit_stop:
+            if req.status.is_finished:  # it also hit max_new_tokens in this step: the stop string wins
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif req.status.is_finished:
+            text += proc.finish()
+        return text
+
+    def _emit(self, req: Request, new: tuple[int, ...], text: str, error: str | None = None) -> None:
         finished = req.status.is_finished
         ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
         out = RequestOutput(
-            req.request_id, new, finished, req.status.finish_reason, len(req.prompt_token_ids),
+            req.request_id, new, text, finished, req.status.finish_reason, len(req.prompt_token_ids),
             req.num_virtual_tokens, len(req.output_token_ids), ttft, error,
         )
         if new:
@@ -345,7 +364,7 @@ class Engine:
                 req.finish_time = time.monotonic()
             s.put(
                 RequestOutput(
-                    req.request_id, (), True, "error", len(req.prompt_token_ids), req.num_virtual_tokens,
+                    req.request_id, (), "", True, "error", len(req.prompt_token_ids), req.num_virtual_tokens,
                     len(req.output_token_ids), None, str(exc),
                 )
             )

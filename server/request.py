@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from prompt_store.registry import SoftPrompt
+    from server.detokenizer import OutputProcessor
 
 
 class RequestStatus(enum.IntEnum):
@@ -23,7 +24,7 @@ class RequestStatus(enum.IntEnum):
 
     WAITING = 0
     RUNNING = 1
-    FINISHED_STOPPED = 2  # EOS (or, later, a stop string) -> "stop"
+    FINISHED_STOPPED = 2  # EOS or a stop string -> "stop"
     FINISHED_LENGTH = 3  # max_new_tokens reached -> "length"
     FINISHED_ABORTED = 4  # the client went away -> "abort"
     FINISHED_ERROR = 5  # the engine failed -> "error"
@@ -55,6 +56,7 @@ class SamplingParams:
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         seed: seeds this request's own generator, so its samples do not depend on the batch; None = random.
+        stop: stop strings; the text is cut before the first one, matched across token boundaries.
     """
 
     max_new_tokens: int = 64
@@ -62,6 +64,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +103,7 @@ class Request:
     # engine-side state, owned by the engine thread
     slots: torch.Tensor | None = None  # [max_positions] KV slot ids
     generator: torch.Generator | None = None
+    processor: OutputProcessor | None = None  # detokenizer + stop strings
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -8,15 +8,19 @@ gets a 422.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
+from fastapi.sse import EventSourceResponse, format_sse_event
 
 from prompt_store.registry import SoftPrompt
 from server.api.deps import State, get_engine
-from server.api.errors import APIError
+from server.api.errors import APIError, error_body
 from server.api.schemas import GenerateParameters, GenerateRequest, GenerateResponse, TaskInfo, TaskList, Usage
 from server.engine import Engine, EngineDeadError, EngineOverloadedError, RequestOutput, RequestRejectedError
 from server.request import Request, SamplingParams
@@ -56,70 +60,123 @@ def submit(engine: Engine, req: Request):
         raise APIError(503, str(exc), type="server_error", code="engine_dead") from exc
 
 
-async def collect(engine: Engine, req: Request, stream) -> tuple[list[int], RequestOutput]:
-    """Wait for every token of ``req``. If the caller is cancelled (client gone), the request is aborted so its
-    row and KV are freed at the next engine step."""
-    tokens: list[int] = []
+async def abort_on_disconnect(http: HTTPRequest | None, engine: Engine, request_id: str,
+                              interval: float = 0.1) -> None:
+    """Poll the client connection every ``interval`` seconds; abort the request when the client has gone."""
+    if http is None:
+        return
+    while not await http.is_disconnected():
+        await asyncio.sleep(interval)
+    engine.abort(request_id)
+
+
+async def collect(engine: Engine, req: Request, stream, http: HTTPRequest | None = None) -> tuple[str, RequestOutput]:
+    """Wait for all of ``req``'s text. If the client disconnects or the caller is cancelled, the request is
+    aborted so its row and KV are freed at the next engine step."""
+    parts: list[str] = []
     last: RequestOutput | None = None
+    watcher = asyncio.create_task(abort_on_disconnect(http, engine, req.request_id))
     try:
         async for out in stream:
-            tokens.extend(out.new_token_ids)
+            parts.append(out.text)
             last = out
     finally:
+        watcher.cancel()
         if last is None or not last.finished:
             engine.abort(req.request_id)
+    if last is not None and last.finish_reason == "abort":
+        raise APIError(499, "client closed the request", code="client_closed")
     if last is None or last.finish_reason == "error":
         raise APIError(503, f"generation failed: {last.error if last else 'no output'}", type="server_error",
                        code="engine_error")
-    return tokens, last
+    return "".join(parts), last
 
 
 def to_sampling(p: GenerateParameters, default_max_new_tokens: int) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=p.max_new_tokens or default_max_new_tokens,
-        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed,
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, seed=p.seed, stop=tuple(p.stop or ()),
     )
 
 
-def decode(engine: Engine, tokens: list[int]) -> str:
-    """Text of generated tokens; EOS and other special tokens are left out."""
-    eos = engine.eos_token_ids
-    return engine.loaded.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+def _usage(out: RequestOutput) -> Usage:
+    return Usage(prompt_tokens=out.num_prompt_tokens, virtual_tokens=out.num_virtual_tokens,
+                 completion_tokens=out.num_output_tokens)
 
 
-async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: GenerateRequest) -> GenerateResponse:
+async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: GenerateRequest, http: HTTPRequest):
     task = prompt.task if prompt else "_base"
     t0 = time.monotonic()
     try:
         req = build_request(state, engine, prompt, body.inputs,
                             to_sampling(body.parameters, state.settings.default_max_new_tokens))
-        tokens, last = await collect(engine, req, submit(engine, req))
+        stream = submit(engine, req)
+        if body.stream:
+            return EventSourceResponse(_sse(state, engine, prompt, req, stream, t0))
+        text, last = await collect(engine, req, stream, http)
     except APIError as exc:
         state.metrics.requests.labels(task, str(exc.status)).inc()
         raise
     state.metrics.requests.labels(task, "200").inc()
     state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
     return GenerateResponse(
-        generated_text=decode(engine, tokens),
+        generated_text=text,
         finish_reason=last.finish_reason or "stop",
         task=prompt.task if prompt else None,
         prompt_version=prompt.version if prompt else None,
-        usage=Usage(prompt_tokens=last.num_prompt_tokens, virtual_tokens=last.num_virtual_tokens,
-                    completion_tokens=last.num_output_tokens),
+        usage=_usage(last),
     )
 
 
-@router.post("/v1/tasks/{task}/generate", response_model=GenerateResponse)
-async def generate_task(task: str, body: GenerateRequest, state: State, engine: EngineDep) -> GenerateResponse:
-    """Generate with ``task``'s soft prompt prepended. 404 for an unknown task, 422 for bad parameters."""
+def sse(payload: dict, event: str | None = None) -> bytes:
+    """One Server-Sent Event with a JSON ``data`` field (FastAPI's SSE encoder)."""
+    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False), event=event)
+
+
+async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, stream, t0: float):
+    """Events: ``{"text", "token_ids"}`` per text delta, then a final ``{"text", "token_ids", "finish_reason",
+    "usage", "task", "prompt_version"}``; an error after the stream started is an ``event: error``. When the
+    client goes away, the generator is closed and the request aborted."""
+    task = prompt.task if prompt else "_base"
+    finished = False
+    try:
+        async for out in stream:
+            if out.finish_reason == "error":
+                finished = True
+                state.metrics.requests.labels(task, "503").inc()
+                yield sse(error_body(f"generation failed: {out.error}", "server_error", "engine_error"), "error")
+                return
+            if out.finished:
+                finished = True
+                state.metrics.requests.labels(task, "200").inc()
+                state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
+                yield sse({
+                    "text": out.text, "token_ids": list(out.new_token_ids), "finish_reason": out.finish_reason,
+                    "usage": _usage(out).model_dump(), "task": prompt.task if prompt else None,
+                    "prompt_version": prompt.version if prompt else None,
+                })
+                return
+            if out.text:
+                yield sse({"text": out.text, "token_ids": list(out.new_token_ids)})
+    finally:
+        if not finished:
+            engine.abort(req.request_id)
+
+
+@router.post("/v1/tasks/{task}/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def generate_task(task: str, body: GenerateRequest, state: State, engine: EngineDep, http: HTTPRequest):
+    """Generate with ``task``'s soft prompt prepended. 404 for an unknown task, 422 for bad parameters.
+    ``"stream": true`` returns Server-Sent Events."""
     prompt = lookup_task(state, task)
-    return await _generate(state, engine, prompt, body)
+    return await _generate(state, engine, prompt, body, http)
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
-async def generate_base(body: GenerateRequest, state: State, engine: EngineDep) -> GenerateResponse:
+@router.post("/v1/generate", response_model=GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def generate_base(body: GenerateRequest, state: State, engine: EngineDep, http: HTTPRequest):
     """Generate with the plain base model (no soft prompt); these rows share batches with task rows."""
-    return await _generate(state, engine, None, body)
+    return await _generate(state, engine, None, body, http)
 
 
 @router.get("/v1/tasks", response_model=TaskList)

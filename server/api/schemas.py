@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -16,6 +18,9 @@ class GenerateParameters(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off.")
     seed: int | None = Field(None, ge=0, lt=2**63, description="Per-request sampling seed.")
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, max_length=8, description="Up to 8 stop strings; the text is cut before the first one."
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -24,6 +29,7 @@ class GenerateRequest(BaseModel):
     inputs: str = Field(..., description="Text the task's virtual tokens are prepended to. May be empty "
                         "when the task has a soft prompt.")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = Field(False, description="Return Server-Sent Events, one per text delta.")
 
 
 class Usage(BaseModel):
