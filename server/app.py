@@ -17,7 +17,7 @@ from prompt_store.formats import Limits
 from prompt_store.registry import PromptRegistry, SoftPrompt
 from prompt_store.store import PromptStore
 from server import __version__
-from server.api import admin, generate, ops
+from server.api import admin, generate, openai_compat, ops
 from server.api.errors import install_error_handlers
 from server.config import Settings
 from server.engine import Engine, EngineConfig
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.state.sp = state
     install_error_handlers(app)
     app.include_router(generate.router)
+    app.include_router(openai_compat.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
     return app

@@ -8,88 +8,23 @@ gets a 422.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
-import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi import Request as HTTPRequest
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
 
 from prompt_store.registry import SoftPrompt
 from server.api.deps import State, get_engine
 from server.api.errors import APIError, error_body
 from server.api.schemas import GenerateParameters, GenerateRequest, GenerateResponse, TaskInfo, TaskList, Usage
-from server.engine import Engine, EngineDeadError, EngineOverloadedError, RequestOutput, RequestRejectedError
+from server.api.service import build_request, collect, lookup_task, sse, submit
+from server.engine import Engine, RequestOutput
 from server.request import Request, SamplingParams
 
 router = APIRouter(tags=["generate"])
 EngineDep = Annotated[Engine, Depends(get_engine)]
-
-
-def lookup_task(state, task: str) -> SoftPrompt:
-    """The servable prompt of ``task``; 404 if there is none."""
-    prompt = state.registry.get(task)
-    if prompt is None:
-        raise APIError(404, f"unknown task {task!r}: GET /v1/tasks lists the servable tasks",
-                       type="not_found_error", code="task_not_found", param="task")
-    return prompt
-
-
-def build_request(state, engine: Engine, prompt: SoftPrompt | None, text: str, params: SamplingParams) -> Request:
-    """Tokenize and check a request; 422/400 for what the engine can never run."""
-    ids = list(engine.loaded.tokenizer(text)["input_ids"])
-    req = Request(uuid.uuid4().hex, ids, params, prompt, prompt.task if prompt else "")
-    try:
-        engine.check(req)
-    except RequestRejectedError as exc:
-        status = 422 if exc.code == "empty_input" else 400
-        raise APIError(status, str(exc), code=exc.code, param="inputs") from exc
-    return req
-
-
-def submit(engine: Engine, req: Request):
-    """Queue ``req``; 503 when the engine is dead or the queue is full."""
-    try:
-        return engine.submit(req)
-    except EngineOverloadedError as exc:
-        raise APIError(503, str(exc), type="server_error", code="overloaded") from exc
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), type="server_error", code="engine_dead") from exc
-
-
-async def abort_on_disconnect(http: HTTPRequest | None, engine: Engine, request_id: str,
-                              interval: float = 0.1) -> None:
-    """Poll the client connection every ``interval`` seconds; abort the request when the client has gone."""
-    if http is None:
-        return
-    while not await http.is_disconnected():
-        await asyncio.sleep(interval)
-    engine.abort(request_id)
-
-
-async def collect(engine: Engine, req: Request, stream, http: HTTPRequest | None = None) -> tuple[str, RequestOutput]:
-    """Wait for all of ``req``'s text. If the client disconnects or the caller is cancelled, the request is
-    aborted so its row and KV are freed at the next engine step."""
-    parts: list[str] = []
-    last: RequestOutput | None = None
-    watcher = asyncio.create_task(abort_on_disconnect(http, engine, req.request_id))
-    try:
-        async for out in stream:
-            parts.append(out.text)
-            last = out
-    finally:
-        watcher.cancel()
-        if last is None or not last.finished:
-            engine.abort(req.request_id)
-    if last is not None and last.finish_reason == "abort":
-        raise APIError(499, "client closed the request", code="client_closed")
-    if last is None or last.finish_reason == "error":
-        raise APIError(503, f"generation failed: {last.error if last else 'no output'}", type="server_error",
-                       code="engine_error")
-    return "".join(parts), last
 
 
 def to_sampling(p: GenerateParameters, default_max_new_tokens: int) -> SamplingParams:
@@ -108,7 +43,7 @@ async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: Gene
     task = prompt.task if prompt else "_base"
     t0 = time.monotonic()
     try:
-        req = build_request(state, engine, prompt, body.inputs,
+        req = build_request(engine, prompt, body.inputs,
                             to_sampling(body.parameters, state.settings.default_max_new_tokens))
         stream = submit(engine, req)
         if body.stream:
@@ -126,11 +61,6 @@ async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: Gene
         prompt_version=prompt.version if prompt else None,
         usage=_usage(last),
     )
-
-
-def sse(payload: dict, event: str | None = None) -> bytes:
-    """One Server-Sent Event with a JSON ``data`` field (FastAPI's SSE encoder)."""
-    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False), event=event)
 
 
 async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, stream, t0: float):
