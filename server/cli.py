@@ -1,4 +1,4 @@
-"""The ``softprompt`` command: ``serve``, ``prepare-model`` and ``bench``.
+"""The ``softprompt`` command: ``serve``, ``prepare-model``, ``upload`` and ``bench``.
 
 ``serve``'s flags are generated from :class:`server.config.Settings`, so each flag has the same name, default and
 environment variable (``SOFTPROMPT_<FIELD>``) as its setting; a flag given on the command line wins.
@@ -62,6 +62,26 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upload(args: argparse.Namespace) -> int:
+    """Upload a prompt file or PEFT adapter directory through the admin API."""
+    import os
+
+    from server.client import SoftpromptClient, SoftpromptError
+
+    token = args.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
+    try:
+        with SoftpromptClient(args.server, admin_token=token) as client:
+            meta = client.upload(args.task, args.path)
+    except SoftpromptError as exc:
+        print(f"softprompt upload: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"softprompt upload: {exc}", file=sys.stderr)
+        return 1
+    print(f"{meta['task']}: {meta['action']}, version {meta['version']}, {meta['num_virtual_tokens']} virtual tokens")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     prep = sub.add_parser("prepare-model", help="convert the model once into the safetensors cache")
     _add_settings_flags(prep)
     prep.set_defaults(func=_prepare_model)
+    up = sub.add_parser("upload", help="upload a soft prompt to a running server (admin API)")
+    up.add_argument("path", help=".safetensors file, .zip/.tar.gz of a PEFT adapter, or a PEFT adapter directory")
+    up.add_argument("--task", required=True)
+    up.add_argument("--server", default="http://127.0.0.1:8000")
+    up.add_argument("--admin-token", default=None, help="default: $SOFTPROMPT_ADMIN_TOKEN")
+    up.set_defaults(func=_upload)
     bench = sub.add_parser("bench", help="benchmark a live server over HTTP against a sequential baseline",
                            add_help=False)
     bench.set_defaults(func=None)
