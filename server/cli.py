@@ -1,4 +1,4 @@
-"""The ``softprompt`` command: ``serve``, ``prepare-model``, ``upload`` and ``bench``.
+"""The ``softprompt`` command: ``serve``, ``prepare-model``, ``upload``, ``bench``, ``train`` and ``eval``.
 
 ``serve``'s flags are generated from :class:`server.config.Settings`, so each flag has the same name, default and
 environment variable (``SOFTPROMPT_<FIELD>``) as its setting; a flag given on the command line wins.
@@ -100,11 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmark a live server over HTTP against a sequential baseline",
                            add_help=False)
     bench.set_defaults(func=None)
+    # train / eval parse their own flags (training.cli); the package is imported only when they run.
+    sub.add_parser("train", help="train a soft prompt on the frozen base model (PEFT adapter directory)",
+                   add_help=False).set_defaults(func=None)
+    sub.add_parser("eval", help="compare base model, instruction and soft prompt on held-out data",
+                   add_help=False).set_defaults(func=None)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from bench.serve_bench import main as bench_main
 
         return bench_main(rest)
+    if args.command in ("train", "eval"):
+        from training.cli import eval_main, train_main
+
+        return (train_main if args.command == "train" else eval_main)(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

@@ -272,6 +272,7 @@ class Engine:
             return
         self.scheduler.finish(stream.request, RequestStatus.FINISHED_ABORTED)
         self._emit(stream.request, (), "")
+        self._refresh_gauges()
 
     def step(self) -> SchedulerOutput:
         """Run one engine step: plan, forward, sample, apply."""
@@ -349,6 +350,10 @@ class Engine:
         m.batch_size.observe(len(plan.rows))
         m.batch_tasks.observe(len({r.request.task for r in plan.rows}))
         m.step_tokens.observe(plan.num_batched_tokens)
+        self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        m = self.metrics
         m.running.set(len(self.scheduler.running))
         m.waiting.set(len(self.scheduler.waiting))
         m.kv_used_blocks.set(self.allocator.num_used_blocks)

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from server.detokenizer import OutputProcessor
 
 
+GREEDY_BELOW = 1e-5
+
+
 class RequestStatus(enum.IntEnum):
     """Ordered: every status greater than RUNNING is finished."""
 
@@ -52,7 +55,7 @@ class SamplingParams:
 
     Attributes:
         max_new_tokens: generated tokens at most, >= 1.
-        temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+        temperature: 0 (or anything below 1e-5) means greedy (argmax); otherwise logits are divided by it.
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; 0 disables it.
         seed: seeds this request's own generator, so its samples do not depend on the batch; None = random.
@@ -68,7 +71,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 are greedy: dividing logits by them overflows fp32."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(eq=False)

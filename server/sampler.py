@@ -32,7 +32,8 @@ def sample(
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     """Temperature, then top-k, then top-p (the smallest set of tokens whose mass reaches ``top_p``)."""
-    scores = logits.float() / p.temperature  # [vocab]
+    scores = logits.float()
+    scores = (scores - scores.max()) / p.temperature  # [vocab]; max-shifted so large logits cannot overflow
     if p.top_k > 0 and p.top_k < scores.shape[0]:
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

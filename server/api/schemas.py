@@ -13,7 +13,7 @@ class GenerateParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (>= 1).")
+    max_new_tokens: int | None = Field(None, ge=1, strict=True, description="Tokens to generate at most (>= 1).")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = off.")

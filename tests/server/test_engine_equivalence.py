@@ -1,0 +1,498 @@
+"""Every row of a mixed batch equals the same request run alone and the forward-pass greedy reference.
+
+Covers the cases C1, C2, C3, C4 and C11a of shared/cases/README.md, PEFT prompt-tuning and p-tuning checkpoints
+(tiny model and SmolLM2), chunked prefill, queueing under the sequence and KV limits, and seeded sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from srv_helpers import (
+    EOS_ID,
+    Spec,
+    decode_text,
+    greedy_reference,
+    make_engine,
+    make_prompt,
+    new_request,
+    peft_greedy_reference,
+    rand_tensor,
+    raw_bytes,
+    run_alone,
+    run_sync,
+    submit_and_wait,
+)
+
+from prompt_store.formats import Limits, load_path
+from server.engine import RequestRejectedError
+from server.request import RequestStatus
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def ref_of(loaded, spec: Spec) -> tuple[list[int], str]:
+    prompt = None if spec.prompt is None else spec.prompt.embeddings
+    return greedy_reference(loaded.model, spec.ids, prompt, spec.max_new_tokens, loaded.eos_token_ids)
+
+
+def result(req) -> tuple[list[int], str]:
+    return list(req.output_token_ids), req.status.finish_reason
+
+
+def assert_same_first_step(reqs) -> None:
+    """Requests that got their first token in the same engine step share ``first_token_time``."""
+    assert len({r.first_token_time for r in reqs}) == 1
+
+
+# ------------------------------------------------------------------------------------------------ mixed batches
+def test_mixed_tasks_and_base_rows_equal_alone_and_reference(tiny_loaded):
+    prompts = {n: make_prompt(f"t{n}", rand_tensor(n, scale=1.0 + n / 4, seed=n)) for n in (1, 4, 11, 20)}
+    specs = [
+        Spec(ids_of(5, 1), prompts[4], 6),
+        Spec(ids_of(17, 2), None, 9),
+        Spec(ids_of(1, 3), prompts[1], 5),
+        Spec(ids_of(30, 4), prompts[20], 7),
+        Spec(ids_of(8, 5), prompts[11], 8),
+        Spec(ids_of(3, 6), None, 4),
+        Spec(ids_of(12, 7), prompts[4], 10),
+    ]
+    engine = make_engine(tiny_loaded)
+    batch = run_sync(engine, specs)
+    assert_same_first_step(batch)
+    for spec, req in zip(specs, batch, strict=True):
+        ref = ref_of(tiny_loaded, spec)
+        assert result(req) == ref
+        assert run_alone(make_engine(tiny_loaded), spec) == ref
+        assert len(req.output_token_ids) == spec.max_new_tokens  # the tiny model does not reach EOS here
+    assert engine.allocator.num_used_blocks == 0
+
+
+def test_c1_short_and_long_input_same_task_same_step(tiny_loaded):
+    """C1: padding between the virtual tokens and the text. 8 virtual tokens, a 3- and a 30-token input."""
+    p = make_prompt("c1", rand_tensor(8, scale=2.0, seed=11))
+    specs = [Spec(ids_of(3, 12), p, 10), Spec(ids_of(30, 13), p, 10)]
+    engine = make_engine(tiny_loaded)
+    reqs = run_sync(engine, specs)
+    assert_same_first_step(reqs)
+    for spec, req in zip(specs, reqs, strict=True):
+        assert result(req) == ref_of(tiny_loaded, spec)
+        assert result(req) == run_alone(make_engine(tiny_loaded), spec)
+    # the two rows of one task differ (the short row did not get the long row's context or vice versa)
+    assert reqs[0].output_token_ids != reqs[1].output_token_ids
+
+
+def _find_inputs(loaded, n_tokens: int, want, seeds=range(200), max_new: int = 8):
+    """First ``ids_of(n_tokens, seed)`` whose reference satisfies ``want(tokens, finish)``; computed, not guessed."""
+    for seed in seeds:
+        ids = ids_of(n_tokens, 1000 * n_tokens + seed)
+        ref = greedy_reference(loaded.model, ids, None, max_new, loaded.eos_token_ids)
+        if want(*ref):
+            return ids, ref
+    raise AssertionError(f"no {n_tokens}-token input with the wanted reference among {len(seeds)} seeds")
+
+
+def test_c2_pad_equals_eos_short_row_and_real_eos(tiny_eos_loaded):
+    """C2: SmolLM2's tokenizer has pad == EOS. Batch a 2-token with a 20-token input (8 new tokens), plus a row
+    whose reference emits EOS at step k: it stops at k, the others go on."""
+    tok = tiny_eos_loaded.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id == EOS_ID
+    loaded = tiny_eos_loaded
+    short_ids, short_ref = _find_inputs(loaded, 2, lambda t, f: t[0] != EOS_ID)
+    long_ids, long_ref = _find_inputs(loaded, 20, lambda t, f: f == "length")
+    eos_ids, eos_ref = _find_inputs(loaded, 6, lambda t, f: f == "stop" and 2 <= len(t) < 8)
+    k = len(eos_ref[0])
+    specs = [Spec(short_ids, None, 8), Spec(long_ids, None, 8), Spec(eos_ids, None, 8)]
+    engine = make_engine(loaded)
+    reqs = run_sync(engine, specs)
+    assert_same_first_step(reqs)
+    assert result(reqs[0]) == short_ref and len(reqs[0].output_token_ids) >= 1
+    assert reqs[0].output_token_ids[0] != EOS_ID  # the short row is not empty
+    assert result(reqs[1]) == long_ref == (long_ref[0], "length") and len(long_ref[0]) == 8
+    assert result(reqs[2]) == eos_ref
+    assert len(reqs[2].output_token_ids) == k and reqs[2].output_token_ids[-1] == EOS_ID
+    assert reqs[2].status == RequestStatus.FINISHED_STOPPED
+    # and with a soft prompt in front, the short row still equals its reference
+    p = make_prompt("c2", rand_tensor(3, seed=21))
+    spec = Spec(short_ids, p, 8)
+    (req,) = run_sync(make_engine(loaded), [spec, Spec(long_ids, None, 8)])[:1]
+    assert result(req) == ref_of(loaded, spec)
+
+
+def test_c2_eos_row_through_started_engine(tiny_eos_loaded):
+    """The stop at step k is reported as finish_reason "stop" with k tokens in the stream outputs."""
+    loaded = tiny_eos_loaded
+    eos_ids, (eos_toks, _) = _find_inputs(loaded, 4, lambda t, f: f == "stop" and 2 <= len(t) < 8)
+    long_ids, long_ref = _find_inputs(loaded, 20, lambda t, f: f == "length")
+    engine = make_engine(loaded)
+    engine.start()
+    try:
+        (a_toks, a_last), (b_toks, b_last) = submit_and_wait(
+            engine, [Spec(long_ids, None, 8), Spec(eos_ids, None, 8)]
+        )
+    finally:
+        engine.stop()
+    assert (a_toks, a_last.finish_reason) == long_ref
+    assert b_toks == eos_toks and b_last.finish_reason == "stop"
+    assert b_last.num_output_tokens == len(eos_toks)
+
+
+def test_c3_rows_never_get_another_tasks_prompt(tiny_loaded):
+    """C3: A near-zero prompt, B large-norm prompt, base; 24 requests cycling them, shuffled orders."""
+    A = make_prompt("a", rand_tensor(6, scale=1e-4, seed=31))
+    B = make_prompt("b", rand_tensor(9, scale=20.0, seed=32))
+    kinds = {"A": A, "B": B, "base": None}
+    texts = [ids_of(n, 40 + n) for n in (4, 7, 11, 2)]
+    refs = {}
+    for ti, ids in enumerate(texts):
+        for name, p in kinds.items():
+            refs[ti, name] = ref_of(tiny_loaded, Spec(ids, p, 6))
+        # precondition: the three references of one text differ, so a swapped prompt would show
+        assert len({tuple(refs[ti, n][0]) for n in kinds}) == 3
+    jobs = [(i % 4, name) for i, name in enumerate(["A", "B", "base"] * 8)]  # 24 requests
+    for order_seed in (0, 1):
+        order = jobs[:]
+        random.Random(order_seed).shuffle(order)
+        specs = [Spec(texts[ti], kinds[name], 6) for ti, name in order]
+        reqs = run_sync(make_engine(tiny_loaded), specs)
+        assert_same_first_step(reqs)
+        for (ti, name), req in zip(order, reqs, strict=True):
+            assert result(req) == refs[ti, name], (ti, name)
+            for other in kinds:
+                if other != name:
+                    assert result(req) != refs[ti, other]
+    # the same through the running engine thread, submitted in another shuffled order
+    order = jobs[:]
+    random.Random(2).shuffle(order)
+    engine = make_engine(tiny_loaded)
+    engine.start()
+    try:
+        outs = submit_and_wait(engine, [Spec(texts[ti], kinds[name], 6) for ti, name in order])
+    finally:
+        engine.stop()
+    for (ti, name), (toks, last) in zip(order, outs, strict=True):
+        assert (toks, last.finish_reason) == refs[ti, name], (ti, name)
+
+
+class MaskRecorder:
+    """Wraps a runner so that, at prefill and at every decode step, each row's attended key length is recorded
+    next to what it must be: virtual + text + generated-so-far positions of the request owning the row."""
+
+    def __init__(self, engine, monkeypatch) -> None:
+        runner = engine.runner
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+        owner: dict[int, object] = {}
+        pad = runner.pool.pad_slot
+        orig_forward, orig_dec, orig_causal = runner.forward, runner._decode_index, runner._causal_mask
+
+        def forward(rows):
+            by_slots = {id(q.slots): q for q in engine.scheduler.running if q.slots is not None}
+            owner.clear()
+            for r in rows:
+                q = by_slots.get(id(r.slots))
+                owner[id(r.slots)] = (q, None if q is None else q.num_virtual_tokens + len(q.prompt_token_ids)
+                                      + len(q.output_token_ids))
+            return orig_forward(rows)
+
+        def decode_index(rows, dec):
+            gather, mask = orig_dec(rows, dec)
+            for b, i in enumerate(dec):
+                r = rows[i]
+                n = int(mask[b].sum()) if mask is not None else gather.shape[1]
+                q, expected = owner[id(r.slots)]
+                ok = torch.equal(gather[b, :n], r.slots[:n]) and bool((gather[b, n:] == pad).all())
+                self._add(q, "decode", n, expected, ok)
+            return gather, mask
+
+        def causal_mask(start, r):
+            m = orig_causal(start, r)
+            c = len(r.token_ids)
+            q, expected = owner[id(r.slots)]
+            ok = m.shape == (c, start + c) and [int(x) for x in m.sum(-1)] == list(range(start + 1, start + c + 1))
+            self._add(q, "prefill", int(m[-1].sum()), expected, ok)
+            return m
+
+        monkeypatch.setattr(runner, "forward", forward)
+        monkeypatch.setattr(runner, "_decode_index", decode_index)
+        monkeypatch.setattr(runner, "_causal_mask", causal_mask)
+
+    def _add(self, q, kind, attended, expected, ok) -> None:
+        with self.lock:
+            self.records.append(dict(request=q, kind=kind, attended=attended, expected=expected, ok=ok))
+
+
+def test_c4_mask_length_matches_virtual_text_and_generated(make_client, prompts_dir: Path, monkeypatch):
+    """C4: 20 virtual tokens, 16 concurrent 37-token inputs, 5 new tokens: every answer 200 with 5 tokens, and at
+    prefill and at every decode step each row attends to exactly virtual + text + generated-so-far keys."""
+    P = rand_tensor(20, scale=1.5, seed=41)
+    (prompts_dir / "c4.safetensors").write_bytes(raw_bytes(P))
+    client = make_client()
+    engine = client.app.state.sp.engine
+    tok = engine.loaded.tokenizer
+    texts = []
+    for i in range(16):
+        words = f"request {i} says"
+        while len(tok(words)["input_ids"]) < 37:
+            words += " word"
+        texts.append(words)
+        assert len(tok(words)["input_ids"]) == 37
+    rec = MaskRecorder(engine, monkeypatch)
+    responses: list = [None] * 16
+
+    def go(i: int) -> None:
+        responses[i] = client.post("/v1/tasks/c4/generate",
+                                   json={"inputs": texts[i], "parameters": {"max_new_tokens": 5}})
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in responses:
+        assert r is not None and r.status_code == 200, r and r.text
+        body = r.json()
+        assert body["usage"] == {"prompt_tokens": 37, "virtual_tokens": 20, "completion_tokens": 5}
+        assert body["finish_reason"] == "length"
+    rows = [x for x in rec.records if x["request"] is not None]
+    assert all(x["ok"] for x in rec.records)
+    assert all(x["attended"] == x["expected"] for x in rows)
+    per_req: dict[str, list] = {}
+    for x in rows:
+        per_req.setdefault(x["request"].request_id, []).append((x["kind"], x["attended"]))
+    assert len(per_req) == 16
+    for seq in per_req.values():
+        assert seq == [("prefill", 57), ("decode", 58), ("decode", 59), ("decode", 60), ("decode", 61)]
+    # the virtual-token prefix (all but the last virtual token) was computed once, alone, for 19 positions
+    prefix_rows = [x for x in rec.records if x["request"] is None]
+    assert [(x["kind"], x["attended"]) for x in prefix_rows] == [("prefill", 19)]
+    # and each answer equals its greedy reference
+    for text, r in zip(texts, responses, strict=True):
+        ids = tok(text)["input_ids"]
+        ref, _ = greedy_reference(engine.loaded.model, ids, P, 5)
+        assert r.json()["generated_text"] == decode_text(tok, ref)
+
+
+def test_c11a_virtual_tokens_do_not_eat_the_new_token_budget(tiny_loaded):
+    """C11a: 20 virtual tokens, a 5-token input, max_new_tokens 7: exactly 7 tokens, as without the prompt."""
+    p = make_prompt("c11", rand_tensor(20, seed=51))
+    ids = ids_of(5, 52)
+    assert ref_of(tiny_loaded, Spec(ids, p, 7))[1] == "length"  # EOS not reached
+    engine = make_engine(tiny_loaded)
+    engine.start()
+    try:
+        (with_toks, with_last), (base_toks, base_last) = submit_and_wait(
+            engine, [Spec(ids, p, 7), Spec(ids, None, 7)]
+        )
+    finally:
+        engine.stop()
+    assert len(with_toks) == len(base_toks) == 7
+    assert (with_last.num_prompt_tokens, with_last.num_virtual_tokens, with_last.num_output_tokens) == (5, 20, 7)
+    assert (base_last.num_prompt_tokens, base_last.num_virtual_tokens, base_last.num_output_tokens) == (5, 0, 7)
+    assert with_last.finish_reason == base_last.finish_reason == "length"
+    assert with_toks == ref_of(tiny_loaded, Spec(ids, p, 7))[0]
+
+
+# ------------------------------------------------------------------------------------------------ limits
+def test_chunked_prefill_and_queueing_keep_results(tiny_loaded):
+    """Small step budget (prompts prefilled in chunks), 2 running sequences at most, a small KV pool: every
+    row still equals its reference."""
+    prompts = [make_prompt(f"q{n}", rand_tensor(n, seed=60 + n)) for n in (3, 13)]
+    specs = [
+        Spec(ids_of(40, 61), prompts[0], 5),
+        Spec(ids_of(33, 62), None, 6),
+        Spec(ids_of(2, 63), prompts[1], 4),
+        Spec(ids_of(25, 64), prompts[1], 5),
+        Spec(ids_of(9, 65), None, 3),
+    ]
+    # 16 tokens a step; KV pool of 8 blocks x 16 positions: at most two of these requests fit at once
+    bpt = 2 * 2 * 2 * 16 * 4
+    engine = make_engine(tiny_loaded, max_num_batched_tokens=16, max_num_seqs=2, kv_cache_bytes=8 * 16 * bpt)
+    assert engine.allocator.num_blocks == 8
+    max_running = 0
+    orig_step = engine.step
+
+    def step():
+        nonlocal max_running
+        plan = orig_step()
+        assert plan.num_batched_tokens <= 16
+        max_running = max(max_running, len(plan.rows))
+        return plan
+
+    engine.step = step
+    reqs = run_sync(engine, specs)
+    assert max_running == 2
+    for spec, req in zip(specs, reqs, strict=True):
+        assert result(req) == ref_of(tiny_loaded, spec)
+    assert engine.allocator.num_used_blocks == 0
+
+
+def test_engine_check_rejects_what_can_never_run(tiny_loaded):
+    p = make_prompt("r", rand_tensor(20, seed=70))
+    engine = make_engine(tiny_loaded, kv_cache_bytes=8 * 16 * 512)  # 8 blocks of 16 positions = 128
+    with pytest.raises(RequestRejectedError) as e:
+        engine.check(new_request(Spec([], None, 4)))
+    assert e.value.code == "empty_input"
+    engine.check(new_request(Spec([], p, 4)))  # the virtual tokens alone are a prompt
+    with pytest.raises(RequestRejectedError) as e:
+        engine.check(new_request(Spec(ids_of(200, 71), p, 40)))
+    assert e.value.code == "context_length_exceeded"
+    assert all(s in str(e.value) for s in ("(20)", "(200)", "(40)", "260", "256"))
+    with pytest.raises(RequestRejectedError) as e:
+        engine.check(new_request(Spec(ids_of(100, 72), p, 9)))
+    assert e.value.code == "kv_cache_exceeded" and "129" in str(e.value) and "128" in str(e.value)
+    engine.check(new_request(Spec(ids_of(100, 72), p, 8)))  # exactly 128 positions
+
+
+def test_seeded_sampling_independent_of_neighbours(tiny_loaded):
+    p = make_prompt("s", rand_tensor(4, seed=80))
+    target = Spec(ids_of(6, 81), p, 8, temperature=1.0, top_p=0.95, seed=1234)
+    alone = run_alone(make_engine(tiny_loaded), target)
+    crowd = [Spec(ids_of(3 + i, 90 + i), None if i % 2 else p, 8, temperature=0.7, seed=i) for i in range(5)]
+    batch = run_sync(make_engine(tiny_loaded), crowd[:2] + [target] + crowd[2:])
+    assert result(batch[2]) == alone
+    other_seed = run_alone(make_engine(tiny_loaded), Spec(target.ids, p, 8, temperature=1.0, top_p=0.95,
+                                                          seed=4321))
+    assert other_seed != alone  # the seed matters, so the equality above is not vacuous
+
+
+def test_bf16_prompt_is_served_in_model_dtype(tiny_loaded):
+    p = make_prompt("bf", rand_tensor(5, scale=3.0, seed=82).to(torch.bfloat16))
+    assert p.dtype == "bfloat16"
+    spec = Spec(ids_of(7, 83), p, 6)
+    ref = greedy_reference(tiny_loaded.model, spec.ids, p.embeddings.float(), 6)
+    assert run_alone(make_engine(tiny_loaded), spec) == ref
+
+
+def test_abort_frees_the_row_and_its_blocks(tiny_loaded):
+    engine = make_engine(tiny_loaded)
+    engine.start()
+    try:
+        req = new_request(Spec(ids_of(5, 84), None, 200))
+        stream = engine.submit(req)
+        first = next(stream.iter_sync(timeout=30))
+        assert len(first.new_token_ids) == 1
+        engine.abort(req.request_id)
+        outs = list(stream.iter_sync(timeout=30))
+        assert outs[-1].finished and outs[-1].finish_reason == "abort"
+        assert req.status == RequestStatus.FINISHED_ABORTED and len(req.output_token_ids) < 200
+        assert engine.allocator.num_used_blocks == 0
+    finally:
+        engine.stop()
+
+
+# ------------------------------------------------------------------------------------------------ PEFT checkpoints
+@pytest.fixture(scope="module")
+def tiny_peft(tiny_loaded, smol_dir, tmp_path_factory):
+    """PEFT 0.21 prompt-learning adapters on copies of the tiny model, saved with save_pretrained.
+
+    Returns ``{name: (peft_model, saved_dir)}``."""
+    from peft import (
+        PromptEncoderConfig,
+        PromptEncoderReparameterizationType,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+        get_peft_model,
+    )
+
+    root = tmp_path_factory.mktemp("peft")
+    configs = {
+        "pt-random": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6,
+                                        prompt_tuning_init=PromptTuningInit.RANDOM),
+        "pt-text": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=7,
+                                      prompt_tuning_init=PromptTuningInit.TEXT,
+                                      prompt_tuning_init_text="Classify the sentiment of this review:",
+                                      tokenizer_name_or_path=str(smol_dir)),
+        "ptune-mlp": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5,
+                                         encoder_hidden_size=32,
+                                         encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP),
+    }
+    out = {}
+    for i, (name, cfg) in enumerate(configs.items()):
+        torch.manual_seed(100 + i)
+        pm = get_peft_model(copy.deepcopy(tiny_loaded.model), cfg).eval()
+        pm.save_pretrained(root / name)
+        out[name] = (pm, root / name)
+    return out
+
+
+def test_peft_checkpoints_served_equal_peft_forward(tiny_loaded, tiny_peft):
+    limits = Limits(hidden_size=64)
+    prompts = {}
+    for name, (_, path) in tiny_peft.items():
+        parsed = load_path(path, limits)
+        prompts[name] = make_prompt(name, parsed.embeddings, parsed.peft_type)
+    assert {n: p.peft_type for n, p in prompts.items()} == {
+        "pt-random": "PROMPT_TUNING", "pt-text": "PROMPT_TUNING", "ptune-mlp": "P_TUNING"}
+    assert {n: p.num_virtual_tokens for n, p in prompts.items()} == {"pt-random": 6, "pt-text": 7, "ptune-mlp": 5}
+    tok = tiny_loaded.tokenizer
+    texts = ["The movie was great", "I did not like the ending at all, it was far too long", "ok"]
+    jobs = [(name, t) for name in prompts for t in texts]
+    specs = [Spec(tok(t)["input_ids"], prompts[name], 6) for name, t in jobs]
+    specs.append(Spec(tok(texts[1])["input_ids"], None, 6))  # a base row in the same batch
+    reqs = run_sync(make_engine(tiny_loaded), specs)
+    assert_same_first_step(reqs)
+    for (name, t), req in zip(jobs, reqs[:-1], strict=True):
+        ref = peft_greedy_reference(tiny_peft[name][0], tok(t)["input_ids"], 6)
+        assert result(req) == ref, name
+    assert result(reqs[-1]) == ref_of(tiny_loaded, specs[-1])
+
+
+def test_smollm_peft_text_init_adapter_in_mixed_batch(smol_loaded, smol_dir, tmp_path):
+    """The real model: a PEFT PROMPT_TUNING TEXT-init adapter, served next to a base row, equals PEFT's forward."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32).eval()
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4,
+                             prompt_tuning_init=PromptTuningInit.TEXT,
+                             prompt_tuning_init_text="Answer in French:", tokenizer_name_or_path=str(smol_dir))
+    pm = get_peft_model(base, cfg).eval()
+    pm.save_pretrained(tmp_path / "fr")
+    parsed = load_path(tmp_path / "fr", Limits(hidden_size=576))
+    prompt = make_prompt("fr", parsed.embeddings, parsed.peft_type)
+    tok = smol_loaded.tokenizer
+    task_ids = tok("The capital of Italy is")["input_ids"]
+    base_ids = tok("Once upon a time")["input_ids"]
+    specs = [Spec(task_ids, prompt, 6), Spec(base_ids, None, 6)]
+    reqs = run_sync(make_engine(smol_loaded, kv_cache_bytes=32 * 1024**2), specs)
+    assert_same_first_step(reqs)
+    assert result(reqs[0]) == peft_greedy_reference(pm, task_ids, 6)
+    assert result(reqs[1]) == greedy_reference(smol_loaded.model, base_ids, None, 6)
+
+
+def test_smollm_c2_short_long_and_real_eos(smol_loaded):
+    """C2 on the real model, whose pad token is its EOS token: a 2-token and a 20-token input plus a chat turn
+    whose reference ends with a real EOS at step k, batched; each equals its reference, finish reason included."""
+    tok = smol_loaded.tokenizer
+    model = smol_loaded.model
+    assert tok.pad_token_id == tok.eos_token_id == EOS_ID and EOS_ID in smol_loaded.eos_token_ids
+    short_ids = tok("Hello there")["input_ids"]
+    long_ids = tok("The history of the city goes back many centuries, and its old walls still stand "
+                   "today near the river that runs through the valley")["input_ids"][:20]
+    assert (len(short_ids), len(long_ids)) == (2, 20)
+    eos_row = None
+    for q in ("What is 2+2?", "Say yes.", "Reply with one word: hello"):
+        ids = tok(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+        ref = greedy_reference(model, ids, None, 8, smol_loaded.eos_token_ids)
+        if ref[1] == "stop":
+            eos_row = (ids, ref)
+            break
+    assert eos_row is not None, "no chat turn ended with EOS within 8 tokens"
+    specs = [Spec(short_ids, None, 8), Spec(long_ids, None, 8), Spec(eos_row[0], None, 8)]
+    reqs = run_sync(make_engine(smol_loaded, kv_cache_bytes=32 * 1024**2), specs)
+    assert_same_first_step(reqs)
+    assert result(reqs[0]) == greedy_reference(model, short_ids, None, 8, smol_loaded.eos_token_ids)
+    assert len(reqs[0].output_token_ids) >= 1 and reqs[0].output_token_ids[0] != EOS_ID
+    assert result(reqs[1]) == greedy_reference(model, long_ids, None, 8, smol_loaded.eos_token_ids)
+    assert result(reqs[2]) == eos_row[1]
+    k = len(eos_row[1][0])
+    assert len(reqs[2].output_token_ids) == k and reqs[2].output_token_ids[-1] == EOS_ID
