@@ -66,16 +66,15 @@ def _upload(args: argparse.Namespace) -> int:
     """Upload a prompt file or PEFT adapter directory through the admin API."""
     import os
 
+    import httpx
+
     from server.client import SoftpromptClient, SoftpromptError
 
     token = args.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
     try:
         with SoftpromptClient(args.server, admin_token=token) as client:
             meta = client.upload(args.task, args.path)
-    except SoftpromptError as exc:
-        print(f"softprompt upload: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
+    except (SoftpromptError, OSError, httpx.HTTPError) as exc:
         print(f"softprompt upload: {exc}", file=sys.stderr)
         return 1
     print(f"{meta['task']}: {meta['action']}, version {meta['version']}, {meta['num_virtual_tokens']} virtual tokens")

@@ -94,7 +94,7 @@ class SoftpromptClient:
                     data = json.loads(line[5:].strip())
                     if event == "error":
                         err = data.get("error", {})
-                        raise SoftpromptError(500, err.get("message", "stream error"), err.get("code"))
+                        raise SoftpromptError(503, err.get("message", "stream error"), err.get("code"))
                     yield data
                     if "finish_reason" in data:
                         return

@@ -69,8 +69,10 @@ async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, s
     client goes away, the generator is closed and the request aborted."""
     task = prompt.task if prompt else "_base"
     finished = False
+    pending: list[int] = []  # ids whose text is still held back (part of a character or of a stop string)
     try:
         async for out in stream:
+            pending.extend(out.new_token_ids)
             if out.finish_reason == "error":
                 finished = True
                 state.metrics.requests.labels(task, "503").inc()
@@ -81,13 +83,14 @@ async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, s
                 state.metrics.requests.labels(task, "200").inc()
                 state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
                 yield sse({
-                    "text": out.text, "token_ids": list(out.new_token_ids), "finish_reason": out.finish_reason,
+                    "text": out.text, "token_ids": pending, "finish_reason": out.finish_reason,
                     "usage": _usage(out).model_dump(), "task": prompt.task if prompt else None,
                     "prompt_version": prompt.version if prompt else None,
                 })
                 return
             if out.text:
-                yield sse({"text": out.text, "token_ids": list(out.new_token_ids)})
+                yield sse({"text": out.text, "token_ids": pending})
+                pending = []
     finally:
         if not finished:
             engine.abort(req.request_id)
