@@ -276,6 +276,7 @@ class Engine:
 
     def step(self) -> SchedulerOutput:
         """Run one engine step: plan, forward, sample, apply."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return plan
@@ -291,6 +292,7 @@ class Engine:
             self._emit(q, (sampled[q.request_id],), self._text(q, sampled[q.request_id]))
         self.steps += 1
         self._observe(plan)
+        self.metrics.step_duration.observe(time.perf_counter() - t0)
         return plan
 
     def _prepare(self, req: Request) -> None:

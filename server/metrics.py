@@ -8,7 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -48,6 +48,10 @@ class Metrics:
         self.step_tokens = Histogram(
             "softprompt_step_tokens", "Token positions computed per engine step.",
             buckets=(1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), registry=r,
+        )
+        self.step_duration = Histogram(
+            "softprompt_step_duration_seconds", "Wall time of one engine step (schedule, forward, sample, emit).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10), registry=r,
         )
         self.kv_used_blocks = Gauge("softprompt_kv_cache_used_blocks", "KV blocks reserved.", registry=r)
         self.prompts_loaded = Gauge("softprompt_prompts_loaded", "Soft prompts servable now.", registry=r)
