@@ -19,7 +19,7 @@ from prompt_store.registry import SoftPrompt
 from server.api.deps import State, get_engine
 from server.api.errors import APIError, error_body
 from server.api.schemas import GenerateParameters, GenerateRequest, GenerateResponse, TaskInfo, TaskList, Usage
-from server.api.service import build_request, collect, lookup_task, sse, submit
+from server.api.service import build_request, collect, lookup_task, record_outcome, sse, submit
 from server.engine import Engine, RequestOutput
 from server.request import Request, SamplingParams
 
@@ -50,10 +50,9 @@ async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: Gene
             return EventSourceResponse(_sse(state, engine, prompt, req, stream, t0))
         text, last = await collect(engine, req, stream, http)
     except APIError as exc:
-        state.metrics.requests.labels(task, str(exc.status)).inc()
+        record_outcome(state, task, exc.status)
         raise
-    state.metrics.requests.labels(task, "200").inc()
-    state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
+    record_outcome(state, task, 200, t0)
     return GenerateResponse(
         generated_text=text,
         finish_reason=last.finish_reason or "stop",
@@ -75,13 +74,12 @@ async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, s
             pending.extend(out.new_token_ids)
             if out.finish_reason == "error":
                 finished = True
-                state.metrics.requests.labels(task, "503").inc()
+                record_outcome(state, task, 503)
                 yield sse(error_body(f"generation failed: {out.error}", "server_error", "engine_error"), "error")
                 return
             if out.finished:
                 finished = True
-                state.metrics.requests.labels(task, "200").inc()
-                state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
+                record_outcome(state, task, 200, t0)
                 yield sse({
                     "text": out.text, "token_ids": pending, "finish_reason": out.finish_reason,
                     "usage": _usage(out).model_dump(), "task": prompt.task if prompt else None,

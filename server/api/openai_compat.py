@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prompt_store.registry import SoftPrompt
 from server.api.deps import State, get_engine
 from server.api.errors import APIError, error_body
-from server.api.service import build_request, collect, sse, submit
+from server.api.service import build_request, collect, record_outcome, sse, submit
 from server.engine import Engine, RequestOutput
 from server.request import SamplingParams
 
@@ -116,7 +116,8 @@ async def completions(body: CompletionRequest, state: State, engine: EngineDep, 
     """Text completion; ``prompt`` is one string (or a list holding one)."""
     prompt = _resolve_model(state, engine, body.model)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    req = build_request(engine, prompt, text, body.sampling(state.settings.default_max_new_tokens), param="prompt")
+    req = _build(state, prompt, lambda: build_request(
+        engine, prompt, text, body.sampling(state.settings.default_max_new_tokens), param="prompt"))
     return await _respond(state, engine, body, req, "text_completion", http)
 
 
@@ -130,9 +131,19 @@ async def chat_completions(body: ChatRequest, state: State, engine: EngineDep, h
         raise APIError(400, f"the base model {engine.loaded.model_id!r} has no chat template", param="messages")
     ids = tok.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
                                   tokenize=True, return_dict=False)
-    req = build_request(engine, prompt, None, body.sampling(state.settings.default_max_new_tokens),
-                        token_ids=list(ids), param="messages")
+    req = _build(state, prompt, lambda: build_request(
+        engine, prompt, None, body.sampling(state.settings.default_max_new_tokens), token_ids=list(ids),
+        param="messages"))
     return await _respond(state, engine, body, req, "chat.completion", http)
+
+
+def _build(state, prompt: SoftPrompt | None, make):
+    """Run a request builder; a refusal is counted under the (known) task before it is raised."""
+    try:
+        return make()
+    except APIError as exc:
+        record_outcome(state, prompt.task if prompt else "_base", exc.status)
+        raise
 
 
 async def _respond(state, engine: Engine, body: _Common, req, kind: str, http: HTTPRequest):
@@ -146,10 +157,9 @@ async def _respond(state, engine: Engine, body: _Common, req, kind: str, http: H
     try:
         text, last = await collect(engine, req, stream, http)
     except APIError as exc:
-        state.metrics.requests.labels(task, str(exc.status)).inc()
+        record_outcome(state, task, exc.status)
         raise
-    state.metrics.requests.labels(task, "200").inc()
-    state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
+    record_outcome(state, task, 200, t0)
     if kind == "chat.completion":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(last),
                   "logprobs": None}
@@ -181,7 +191,7 @@ async def _stream(state, engine: Engine, body: _Common, req, stream, kind: str, 
         async for out in stream:
             if out.finish_reason == "error":
                 finished = True
-                state.metrics.requests.labels(task, "503").inc()
+                record_outcome(state, task, 503)
                 yield sse(error_body(f"generation failed: {out.error}", "server_error", "engine_error"))
                 yield _DONE
                 return
@@ -189,8 +199,7 @@ async def _stream(state, engine: Engine, body: _Common, req, stream, kind: str, 
                 yield sse(chunk(out.text, None))
             if out.finished:
                 finished = True
-                state.metrics.requests.labels(task, "200").inc()
-                state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
+                record_outcome(state, task, 200, t0)
                 yield sse(chunk(None, _finish(out)))
                 if include_usage:
                     yield sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 from fastapi import Request as HTTPRequest
@@ -86,3 +87,11 @@ async def collect(engine: Engine, req: Request, stream, http: HTTPRequest | None
 def sse(payload: dict, event: str | None = None) -> bytes:
     """One Server-Sent Event with a JSON ``data`` field (FastAPI's SSE encoder)."""
     return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False), event=event)
+
+
+def record_outcome(state, task: str, status: int, t0: float | None = None) -> None:
+    """Count a request by task (``_base`` for the base model) and HTTP status; for a success, also observe its
+    latency in seconds since ``t0`` (``time.monotonic()``)."""
+    state.metrics.requests.labels(task, str(status)).inc()
+    if t0 is not None:
+        state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
