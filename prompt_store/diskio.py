@@ -21,7 +21,7 @@ from prompt_store.formats import PEFT_CONFIG, PEFT_KEY, PEFT_PICKLE, PEFT_WEIGHT
 
 RAW_SUFFIX = ".safetensors"
 #: Names of this module's temporary entries; :meth:`PromptStore.scan` removes leftovers matching it.
-OWN_TEMP_RE = re.compile(r"^\.[a-z0-9][a-z0-9_.-]{0,63}\.(tmp|old)-[0-9a-f]{16}$")
+OWN_TEMP_RE = re.compile(r"\.[a-z0-9][a-z0-9_.-]{0,63}\.(tmp|old)-[0-9a-f]{16}")  # used with fullmatch
 
 
 def _temp_name(task: str, kind: str) -> str:

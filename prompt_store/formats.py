@@ -30,7 +30,7 @@ from prompt_store.archive import read_adapter_archive
 from prompt_store.errors import PromptError
 
 MIB = 1024 * 1024
-TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TASK_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # used with fullmatch: no trailing newline slips in
 #: File name suffixes of pickle formats; refused without being read.
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".pkl")
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -63,7 +63,7 @@ def validate_task_name(name: str) -> str:
     Raises:
         PromptError: reason ``"bad_name"``, naming the pattern and the given name.
     """
-    if not isinstance(name, str) or not TASK_NAME_RE.match(name) or name.endswith(".safetensors"):
+    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name) or name.endswith(".safetensors"):
         raise PromptError(
             f"task name must match {TASK_NAME_RE.pattern} and not end with '.safetensors'; got {name!r}",
             reason="bad_name",
@@ -79,11 +79,14 @@ class Limits:
         hidden_size: the model's embedding width; every prompt must be ``[n, hidden_size]``.
         max_virtual_tokens: the largest ``n`` (number of virtual tokens) accepted.
         max_bytes: cap, in bytes, on a safetensors file or upload (16 MiB by default).
+        model_dtype: the served model's dtype, or None. When given, values must also stay finite once cast to
+            it (an fp32 value of 1e5 is finite but is inf in float16, and would turn every logit NaN).
     """
 
     hidden_size: int
     max_virtual_tokens: int = 128
     max_bytes: int = 16 * MIB
+    model_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for field in ("hidden_size", "max_virtual_tokens", "max_bytes"):
@@ -166,6 +169,14 @@ def validate_embeddings(t: torch.Tensor, limits: Limits) -> torch.Tensor:
             f"(shape {_shape(t)})",
             reason="non_finite",
         )
+    if limits.model_dtype is not None and limits.model_dtype != t.dtype:
+        n_over = int((~torch.isfinite(t.to(limits.model_dtype))).sum())
+        if n_over:
+            raise PromptError(
+                f"expected values that fit the model's dtype {str(limits.model_dtype).removeprefix('torch.')}, "
+                f"got {n_over} values that overflow it (max |value| {float(t.abs().max()):.3g})",
+                reason="non_finite",
+            )
     return t
 
 

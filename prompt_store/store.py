@@ -236,7 +236,7 @@ class PromptStore:
         events: list[_Event] = []
         with self._lock:
             for name in os.listdir(self.directory):
-                if OWN_TEMP_RE.match(name):
+                if OWN_TEMP_RE.fullmatch(name):
                     remove_entry(self.directory / name)
             entries = self._entries()
             on_disk = {task_for_entry(e) for e in entries}

@@ -18,6 +18,7 @@ from prompt_store.registry import PromptRegistry, SoftPrompt
 from prompt_store.store import PromptStore
 from server import __version__
 from server.api import admin, generate, openai_compat, ops
+from server.api.admin_gate import AdminGate
 from server.api.errors import install_error_handlers
 from server.config import Settings
 from server.engine import Engine, EngineConfig
@@ -66,7 +67,7 @@ class AppState:
         self.store = PromptStore(
             s.prompts,
             self.registry,
-            Limits(self.loaded.hidden_size, s.max_virtual_tokens, s.max_prompt_bytes),
+            Limits(self.loaded.hidden_size, s.max_virtual_tokens, s.max_prompt_bytes, model_dtype=self.loaded.dtype),
             on_load=self._on_load,
             on_error=self._on_error,
         )
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
         lifespan=lifespan,
     )
     app.state.sp = state
+    app.add_middleware(AdminGate)
     install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(openai_compat.router)

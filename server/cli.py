@@ -64,13 +64,17 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 def _upload(args: argparse.Namespace) -> int:
     """Upload a prompt file or PEFT adapter directory through the admin API."""
-    import os
 
     import httpx
 
     from server.client import SoftpromptClient, SoftpromptError
 
-    token = args.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
+    token = args.admin_token
+    if token is None:  # the environment is read by Settings only
+        from server.config import Settings
+
+        configured = Settings().admin_token
+        token = configured.get_secret_value() if configured else None
     try:
         with SoftpromptClient(args.server, admin_token=token) as client:
             meta = client.upload(args.task, args.path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     )
     default_max_new_tokens: int = Field(64, ge=1)
     max_waiting: int = Field(1024, ge=1, description="Most queued requests before new ones get 503.")
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _blank_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        """An empty or blank token means admin is off, never "any empty bearer matches"."""
+        return v if v is not None and v.get_secret_value().strip() else None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -158,7 +158,8 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _streams and _dead
+        self._dead = False
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -225,6 +226,8 @@ class Engine:
         request.processor = OutputProcessor(self.loaded.tokenizer, self.eos_token_ids, request.params.stop)
         stream = RequestStream(request)
         with self._lock:
+            if self._dead:  # the loop died after the alive check above: never leave a stream nobody completes
+                raise EngineDeadError(f"engine is not running: {self.error!r}")
             self._streams[request.request_id] = stream
         self._inbox.put(("add", request))
         self._wake.set()
@@ -285,6 +288,7 @@ class Engine:
         rows = [self._row_input(r.request, r.start, r.num_tokens, r.completes_prompt) for r in plan.rows]
         logits = self.runner.forward(rows)
         sampling = [r.request for r in plan.rows if r.completes_prompt]
+        logits, sampling = self._drop_non_finite(logits, sampling)
         tokens = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
         sampled = {q.request_id: t for q, t in zip(sampling, tokens, strict=True)}
         self.scheduler.update_from_output(plan, sampled)
@@ -294,6 +298,21 @@ class Engine:
         self._observe(plan)
         self.metrics.step_duration.observe(time.perf_counter() - t0)
         return plan
+
+    def _drop_non_finite(self, logits: torch.Tensor, rows: list[Request]) -> tuple[torch.Tensor, list[Request]]:
+        """Finish, with an error, only the rows whose logits (``[num_rows, vocab]``) hold NaN or +inf, or are all
+        -inf (nothing to pick); the loop and every other row go on. A -inf for some tokens is a valid mask."""
+        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+        ok = (~bad).tolist()
+        if all(ok):
+            return logits, rows
+        for q, good in zip(rows, ok, strict=True):
+            if not good:
+                log.error("request %s (task %r): non-finite logits; finished with an error", q.request_id, q.task)
+                self.scheduler.finish(q, RequestStatus.FINISHED_ERROR)
+                self._emit(q, (), "", error="the model produced non-finite logits for this request")
+        keep = [i for i, good in enumerate(ok) if good]
+        return logits[keep], [rows[i] for i in keep]
 
     def _prepare(self, req: Request) -> None:
         """Give an admitted request its KV slots, its prompt's cached virtual-token KV, and its generator."""
@@ -362,6 +381,7 @@ class Engine:
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
+            self._dead = True
             streams = list(self._streams.values())
             self._streams.clear()
         for s in streams:

@@ -115,7 +115,7 @@ class ModelRunner:
             return hit
         slots = self.pool.scratch[:p]
         self.forward([RowInput(slots, 0, [0] * p, virtual=embeddings[:p], need_logits=False)])
-        item = PrefixKV(self.pool.k[:, slots].clone(), self.pool.v[:, slots].clone())
+        item = PrefixKV(self.pool.k[:, slots], self.pool.v[:, slots])  # advanced indexing copies
         self.prefix_cache.put(key, item)
         return item
 

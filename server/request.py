@@ -136,6 +136,11 @@ class Request:
     def token_ids_for(self, start: int, end: int) -> list[int]:
         """Token ids of positions ``[start, end)``; virtual positions read as 0 (their embeddings come from the
         soft prompt)."""
-        nv = self.num_virtual_tokens
-        seq = self.prompt_token_ids + self.output_token_ids
-        return [0 if p < nv else seq[p - nv] for p in range(start, end)]
+        nv, nt = self.num_virtual_tokens, len(self.prompt_token_ids)
+        out = [0] * max(min(end, nv) - start, 0)
+        lo, hi = max(start - nv, 0), max(end - nv, 0)  # indices into text + generated
+        if lo < nt:
+            out += self.prompt_token_ids[lo : min(hi, nt)]
+        if hi > nt:
+            out += self.output_token_ids[max(lo - nt, 0) : hi - nt]
+        return out

@@ -31,8 +31,9 @@ def sample(
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """Temperature, then top-k, then top-p (the smallest set of tokens whose mass reaches ``top_p``)."""
-    scores = logits.float()
+    """Temperature, then top-k, then top-p (the smallest set of tokens whose mass reaches ``top_p``). Runs on the
+    CPU whatever the model's device, so a seed gives the same tokens on CPU and CUDA."""
+    scores = logits.detach().float().cpu()
     scores = (scores - scores.max()) / p.temperature  # [vocab]; max-shifted so large logits cannot overflow
     if p.top_k > 0 and p.top_k < scores.shape[0]:
         kth = torch.topk(scores, p.top_k).values[-1]

@@ -5,8 +5,8 @@ applies the step's sampled tokens. The scheduler never touches tensors: KV memor
 :class:`~server.kv_cache.BlockAllocator`.
 
 Policy, each step:
-1. every running request gets its work first: one token for a decoding request, the rest of its prompt (up to the
-   step's token budget; longer prompts are prefilled in chunks) for one still in prefill;
+1. every running request gets its work first: one token for each decoding request, then, for ones still in
+   prefill, the rest of the prompt (up to the step's token budget; longer prompts are prefilled in chunks);
 2. waiting requests are admitted in arrival order while there is a free sequence slot, token budget, and KV
    blocks for their whole length (virtual + text + max_new_tokens). Admission stops at the first request that
    does not fit, so a long request is never starved by shorter ones behind it.
@@ -104,7 +104,10 @@ class Scheduler:
         """Plan the next step (see the module docstring for the policy)."""
         plan = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        for req in self.running:
+        # decoding rows first (one token each), then the rest of running prefills, so a long chunked prefill
+        # never stalls rows that are decoding
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for req in order:
             if budget <= 0:
                 break
             n = min(req.num_tokens - req.num_computed_tokens, budget)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from prompt_store.errors import PromptError
 from prompt_store.formats import validate_task_name
+from server.api.admin_gate import upload_limit
 from server.api.deps import Admin, State
 from server.api.errors import APIError
 
@@ -44,7 +45,7 @@ def _store(state):
 async def upload_prompt(task: str, state: State, _: Admin, file: UploadFile = File(...)) -> JSONResponse:
     """Create or replace ``task``'s soft prompt from an uploaded file."""
     _check_name(task)
-    limit = state.settings.max_prompt_bytes
+    limit = upload_limit(state.settings.max_prompt_bytes)  # the store applies the exact per-kind limits
     data = await file.read(limit + 1)
     if len(data) > limit:
         state.metrics.prompt_load_errors.labels("too_large").inc()

@@ -6,6 +6,7 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from pydantic import SecretStr
 
 from server.api.errors import APIError
 
@@ -30,21 +31,27 @@ def get_engine(request: Request):
     return engine
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    """``Authorization: Bearer <token>`` must match the configured admin token.
+def check_admin(token: SecretStr | None, authorization: str | None) -> None:
+    """``Authorization: Bearer <token>`` must match the configured admin token (constant-time comparison).
 
-    403 "admin disabled" when no token is configured; 401 when the header is missing or wrong.
+    Raises:
+        APIError: 403 "admin disabled" when no token is configured; 401 when the header is missing or wrong.
     """
-    token = request.app.state.sp.settings.admin_token
     if token is None:
         raise APIError(403, "admin disabled: start the server with --admin-token or SOFTPROMPT_ADMIN_TOKEN",
                        type="permission_error", code="admin_disabled")
     scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(),
-                                                                token.get_secret_value().encode()):
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given or not secrets.compare_digest(given.encode(),
+                                                                             token.get_secret_value().encode()):
         raise APIError(401, "missing or wrong admin token: expected 'Authorization: Bearer <token>'",
                        type="authentication_error", code="invalid_token",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Dependency form of :func:`check_admin` for every admin route."""
+    check_admin(request.app.state.sp.settings.admin_token, authorization)
 
 
 Admin = Annotated[None, Depends(require_admin)]

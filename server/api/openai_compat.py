@@ -129,8 +129,11 @@ async def chat_completions(body: ChatRequest, state: State, engine: EngineDep, h
     tok = engine.loaded.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, f"the base model {engine.loaded.model_id!r} has no chat template", param="messages")
-    ids = tok.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
+    try:
+        ids = tok.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    except Exception as exc:  # noqa: BLE001 - templates raise on message orders they refuse: the client's mistake
+        raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from exc
     req = _build(state, prompt, lambda: build_request(
         engine, prompt, None, body.sampling(state.settings.default_max_new_tokens), token_ids=list(ids),
         param="messages"))
@@ -151,7 +154,11 @@ async def _respond(state, engine: Engine, body: _Common, req, kind: str, http: H
     t0 = time.monotonic()
     rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    stream = submit(engine, req)
+    try:
+        stream = submit(engine, req)
+    except APIError as exc:
+        record_outcome(state, task, exc.status)
+        raise
     if body.stream:
         return EventSourceResponse(_stream(state, engine, body, req, stream, kind, rid, created, t0))
     try:

@@ -1,0 +1,52 @@
+"""ASGI middleware that guards ``/v1/admin`` before any request body is read.
+
+FastAPI parses a multipart body before it runs a route's dependencies, so without this gate anyone could make the
+server spool a large upload before being told 401. The gate answers 401/403 (same rules as
+:func:`server.api.deps.check_admin`) and 413 for a declared ``Content-Length`` over the upload limit, without
+reading the body. The route still checks auth and the size of what it reads.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from prompt_store.formats import ARCHIVE_SLACK_BYTES
+from server.api.deps import check_admin
+from server.api.errors import APIError, error_body
+
+#: Room for multipart framing around the file, bytes.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def upload_limit(max_prompt_bytes: int) -> int:
+    """Largest upload body accepted, bytes: a prompt file, or an archive of one plus its config and README."""
+    return max_prompt_bytes + ARCHIVE_SLACK_BYTES
+
+
+class AdminGate:
+    """Args: app: the wrapped ASGI app; prefix: the guarded path prefix."""
+
+    def __init__(self, app: ASGIApp, prefix: str = "/v1/admin") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        settings = scope["app"].state.sp.settings
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            check_admin(settings.admin_token, headers.get("authorization"))
+            declared = headers.get("content-length", "")
+            limit = upload_limit(settings.max_prompt_bytes) + MULTIPART_OVERHEAD_BYTES
+            if declared.isdigit() and int(declared) > limit:
+                raise APIError(413, f"request body of {int(declared)} bytes is larger than the limit of {limit} "
+                               "bytes", code="too_large")
+        except APIError as exc:
+            response = JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
+                                    headers=exc.headers)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
