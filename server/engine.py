@@ -283,8 +283,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return plan
-        for req in plan.admitted:
-            self._prepare(req)
+        self._prepare(plan.admitted)
         rows = [self._row_input(r.request, r.start, r.num_tokens, r.completes_prompt) for r in plan.rows]
         logits = self.runner.forward(rows)
         sampling = [r.request for r in plan.rows if r.completes_prompt]
@@ -314,17 +313,21 @@ class Engine:
         keep = [i for i, good in enumerate(ok) if good]
         return logits[keep], [rows[i] for i in keep]
 
-    def _prepare(self, req: Request) -> None:
-        """Give an admitted request its KV slots, its prompt's cached virtual-token KV, and its generator."""
-        req.slots = self.runner.pool.slots_for(req.blocks, req.max_positions)
-        if req.soft_prompt is not None:
-            prefix = self.runner.prefix_for(req.soft_prompt.sha256, req.soft_prompt.embeddings)
+    def _prepare(self, admitted: list[Request]) -> None:
+        """Give admitted requests their KV slots, their prompts' virtual-token KV (new prompts computed together
+        in one packed pass), and their generators."""
+        with_prompt = [q for q in admitted if q.soft_prompt is not None]
+        prefixes = self.runner.prefixes_for([(q.soft_prompt.sha256, q.soft_prompt.embeddings) for q in with_prompt])
+        prefix_of = {q.request_id: p for q, p in zip(with_prompt, prefixes, strict=True)}
+        for req in admitted:
+            req.slots = self.runner.pool.slots_for(req.blocks, req.max_positions)
+            prefix = prefix_of.get(req.request_id)
             if prefix is not None:
                 self.runner.load_prefix(req.slots, prefix)
-        if not req.params.greedy:
-            seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
-            req.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+            if not req.params.greedy:
+                seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
+                req.generator = torch.Generator(device="cpu").manual_seed(seed)
+            self.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
 
     @staticmethod
     def _row_input(req: Request, start: int, n: int, need_logits: bool) -> RowInput:

@@ -30,6 +30,10 @@ import torch.nn.functional as F
 from server.kv_cache import KVPool, PrefixCache, PrefixKV, kv_bytes_per_token
 from server.model_loader import LoadedModel
 
+#: How many longest-allowed soft prompts the scratch slots hold, i.e. how many new prompts' virtual-token KV one
+#: forward pass can compute.
+PREFIX_BATCH = 8
+
 
 @dataclass
 class RowInput:
@@ -57,7 +61,8 @@ class ModelRunner:
     Args:
         loaded: the frozen model.
         num_blocks, block_size: KV pool size (see :class:`~server.kv_cache.KVPool`).
-        max_virtual_tokens: scratch space for computing prompt prefixes, tokens.
+        max_virtual_tokens: sizes the scratch space for computing prompt prefixes (``PREFIX_BATCH`` prompts of
+            this many tokens at once).
         prefix_cache_bytes: budget of the virtual-token KV cache, bytes.
     """
 
@@ -84,8 +89,8 @@ class ModelRunner:
         self.vocab_size = int(cfg.vocab_size)
         self._apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         self.pool = KVPool(
-            num_blocks, block_size, max_virtual_tokens, len(self.layers), self.num_kv_heads, self.head_dim,
-            self.dtype, self.device,
+            num_blocks, block_size, PREFIX_BATCH * max_virtual_tokens, len(self.layers), self.num_kv_heads,
+            self.head_dim, self.dtype, self.device,
         )
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
@@ -107,17 +112,51 @@ class ModelRunner:
         Returns:
             None for a 1-token prompt, else KV for positions ``0..n-2``.
         """
-        p = embeddings.shape[0] - 1
-        if p <= 0:
-            return None
-        hit = self.prefix_cache.get(key)
-        if hit is not None:
-            return hit
-        slots = self.pool.scratch[:p]
-        self.forward([RowInput(slots, 0, [0] * p, virtual=embeddings[:p], need_logits=False)])
-        item = PrefixKV(self.pool.k[:, slots], self.pool.v[:, slots])  # advanced indexing copies
-        self.prefix_cache.put(key, item)
-        return item
+        return self.prefixes_for([(key, embeddings)])[0]
+
+    def prefixes_for(self, prompts: list[tuple[str, torch.Tensor]]) -> list[PrefixKV | None]:
+        """:meth:`prefix_for` for many prompts at once: the cache misses (each distinct key once) are computed as
+        rows of as few packed forward passes as the scratch slots allow, each row alone at positions ``0..p-1``.
+
+        Args:
+            prompts: ``(key, embeddings [num_virtual_tokens, hidden_size])`` pairs.
+        Returns:
+            one entry per pair, in order.
+        """
+        found: dict[str, PrefixKV | None] = {}
+        todo: list[tuple[str, torch.Tensor]] = []
+        for key, emb in prompts:
+            if key in found or emb.shape[0] <= 1:
+                continue
+            found[key] = self.prefix_cache.get(key)
+            if found[key] is None:
+                todo.append((key, emb))
+        scratch = self.pool.scratch
+        group: list[tuple[str, torch.Tensor, int]] = []  # (key, embeddings, first scratch index)
+        used = 0
+        for key, emb in todo:
+            p = emb.shape[0] - 1
+            if group and used + p > scratch.shape[0]:
+                self._compute_prefixes(group, found)
+                group, used = [], 0
+            group.append((key, emb, used))
+            used += p
+        if group:
+            self._compute_prefixes(group, found)
+        return [found.get(key) if emb.shape[0] > 1 else None for key, emb in prompts]
+
+    def _compute_prefixes(self, group: list[tuple[str, torch.Tensor, int]], out: dict) -> None:
+        scratch = self.pool.scratch
+        rows = [
+            RowInput(scratch[off : off + emb.shape[0] - 1], 0, [0] * (emb.shape[0] - 1), virtual=emb[:-1],
+                     need_logits=False)
+            for _, emb, off in group
+        ]
+        self.forward(rows)
+        for (key, _, _), row in zip(group, rows, strict=True):
+            item = PrefixKV(self.pool.k[:, row.slots], self.pool.v[:, row.slots])  # advanced indexing copies
+            self.prefix_cache.put(key, item)
+            out[key] = item
 
     def load_prefix(self, slots: torch.Tensor, prefix: PrefixKV) -> None:
         """Copy a prompt's virtual-token KV into a request's first ``prefix.num_tokens`` slots."""

@@ -211,3 +211,31 @@ def test_forward_refuses_empty_rows_and_overruns(runner):
 
 def test_bytes_per_token(tiny_loaded):
     assert ModelRunner.bytes_per_token(tiny_loaded) == 2 * 2 * 2 * 16 * 4
+
+
+def test_prefixes_for_batches_misses_and_equals_one_at_a_time(tiny_loaded):
+    """Several new prompts (different lengths, one repeated, one of a single token) computed in packed passes give
+    the same KV as each computed alone, and each distinct key is computed once."""
+    from server.model_runner import PREFIX_BATCH, ModelRunner
+
+    runner = ModelRunner(tiny_loaded, num_blocks=64, block_size=16, max_virtual_tokens=12, prefix_cache_bytes=1 << 24)
+    alone = ModelRunner(tiny_loaded, num_blocks=64, block_size=16, max_virtual_tokens=12, prefix_cache_bytes=1 << 24)
+    g = torch.Generator().manual_seed(3)
+    lengths = [12, 5, 9, 1, 12, 7, 12, 12, 12, 12, 12, 12]  # more than the scratch holds in one pass
+    prompts = [(f"k{i}", torch.randn(n, tiny_loaded.hidden_size, generator=g)) for i, n in enumerate(lengths)]
+    prompts.append(prompts[1])  # the same key again
+    assert sum(n - 1 for n in lengths) > PREFIX_BATCH * 12
+    calls = []
+    real = runner.forward
+    runner.forward = lambda rows: calls.append(len(rows)) or real(rows)
+    got = runner.prefixes_for(prompts)
+    assert len(got) == len(prompts) and got[3] is None and got[-1] is got[1]
+    assert sum(calls) == len(lengths) - 1 and len(calls) >= 2  # each distinct multi-token prompt once, packed
+    for (key, emb), item in zip(prompts, got, strict=True):
+        ref = alone.prefix_for(key, emb)
+        if ref is None:
+            assert item is None
+            continue
+        torch.testing.assert_close(item.k, ref.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(item.v, ref.v, rtol=1e-5, atol=1e-5)
+    assert runner.prefixes_for(prompts[:2])[0] is got[0]  # cached now
