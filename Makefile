@@ -13,7 +13,7 @@ PORT ?= 8000
 SOFTPROMPT_ADMIN_TOKEN ?= dev-admin-token
 export SOFTPROMPT_ADMIN_TOKEN
 
-.PHONY: setup model serve test lint bench prompts clean
+.PHONY: setup model serve test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,6 @@ test: model
 
 lint: setup
 	$(VENV)/bin/ruff check .
-
-# Regenerate the text-initialised example prompts.
-prompts: model
-	$(PY) examples/make_prompts.py
 
 bench: setup
 	$(VENV)/bin/softprompt bench --server http://$(HOST):$(PORT) --admin-token $(SOFTPROMPT_ADMIN_TOKEN) $(ARGS)

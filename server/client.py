@@ -5,10 +5,10 @@ Example::
     from server.client import SoftpromptClient
 
     with SoftpromptClient("http://127.0.0.1:8000", admin_token="dev-admin-token") as c:
-        print(c.generate("capital", "Germany:", max_new_tokens=8)["generated_text"])
-        for event in c.generate_stream("capital", "Japan:", max_new_tokens=8):
+        print(c.generate("date-format", "2024-07-09", max_new_tokens=12)["generated_text"])
+        for event in c.generate_stream("date-format", "1999-12-31", max_new_tokens=12):
             print(event["text"], end="", flush=True)
-        c.upload("my-task", "examples/prompts/capital.safetensors")
+        c.upload("my-dates", "examples/prompts/date-format")
 """
 
 from __future__ import annotations

@@ -1,0 +1,69 @@
+"""The adapter directory a training run writes: PEFT's ``save_pretrained`` output (what the server loads), the
+training metadata (:data:`META_FILE`), a short model card, and the upload through the admin API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from server.model_loader import LoadedModel
+
+#: Written next to the adapter: how it was trained (the server ignores it; ``softprompt eval`` reads its template).
+META_FILE = "softprompt_training.json"
+
+
+def save_adapter(peft_model, out: Path, loaded: LoadedModel, meta: dict) -> None:
+    """``save_pretrained`` (safetensors) into ``out``, plus :data:`META_FILE` and a model card (README.md).
+
+    Local paths in the PEFT config (``base_model_name_or_path``, and ``tokenizer_name_or_path`` of TEXT init) are
+    replaced by the model id, so the adapter names the model and not this machine's cache. PEFT loads adapters
+    with ``inference_mode=True``, which skips TEXT initialisation, so the tokenizer path is never needed again.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pcfg = peft_model.peft_config["default"]
+    pcfg.base_model_name_or_path = loaded.model_id
+    if getattr(pcfg, "tokenizer_name_or_path", None):
+        pcfg.tokenizer_name_or_path = loaded.model_id
+    peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_card(out, meta)
+
+
+def write_model_card(out: Path, meta: dict) -> None:
+    """Replace PEFT's boilerplate README.md (which names the model's local cache path) with a short card built
+    from the training metadata ``meta`` (the content of :data:`META_FILE`)."""
+    template = "chat template (`/v1/chat/completions`)" if meta.get("template") == "chat" else \
+        "plain (`/v1/tasks/{task}/generate`)"
+    lines = [
+        f"# Soft prompt `{meta['task']}` for {meta['model_id']}", "",
+        f"A PEFT {meta['method']} adapter: {meta['num_virtual_tokens']} virtual tokens x "
+        f"{meta['saved_params'] // meta['num_virtual_tokens']} (`prompt_embeddings`), made by `softprompt train`.",
+        "", f"- template: {template}",
+        f"- data: `{meta['data']}` ({meta['rows']} rows, sha256 `{meta['data_sha256'][:16]}...`)",
+        f"- init: `{meta['init']}`" if meta.get("init") else "- init: p-tuning MLP encoder",
+        f"- {meta['steps']} steps x batch {meta['batch_size']}, AdamW lr {meta['lr']}, seed {meta['seed']}, "
+        f"{meta['device']}, {meta['torch_threads']} torch threads, {meta['wall_s']} s",
+        f"- loss {meta['first_loss']:.4f} -> {meta['final_loss']:.4f} (mean token cross-entropy, nats)",
+        f"- trainable parameters {meta['trainable_params']:,} of {meta['total_params']:,}", "",
+        f"Serve it: put this directory under the server's `--prompts` directory as `{meta['task']}/`, or "
+        f"`softprompt upload <dir> --task {meta['task']}`.", "",
+    ]
+    (Path(out) / "README.md").write_text("\n".join(lines))
+
+
+def upload_adapter(out: Path, task: str, url: str, admin_token: str | None, client=None) -> dict:
+    """Upload the adapter directory through ``PUT /v1/admin/prompts/{task}``; return the server's metadata.
+
+    Args:
+        client: a :class:`server.client.SoftpromptClient` to use (tests); default: a new one for ``url``.
+
+    Raises:
+        server.client.SoftpromptError: the server refused it (e.g. 401 without a valid token).
+    """
+    from server.client import SoftpromptClient
+
+    if client is not None:
+        return client.upload(task, out)
+    with SoftpromptClient(url, admin_token=admin_token) as c:
+        return c.upload(task, out)

@@ -1,0 +1,228 @@
+"""``softprompt train`` and ``softprompt eval``: argument parsing and the two entry points.
+
+``server/cli.py`` hands everything after the subcommand to :func:`train_main` / :func:`eval_main` (imported only
+when the subcommand runs). Both return an exit status: 0 success, 1 a failed upload or server error, 2 bad input
+(a bad data file, bad options, a model or prompt that cannot be loaded).
+
+Examples::
+
+    softprompt train --task date-format --data examples/tasks/date-format/train.jsonl --steps 150 \\
+        --out examples/prompts/date-format
+    softprompt eval --task date-format --data examples/tasks/date-format/test.jsonl \\
+        --prompt examples/prompts/date-format --json date-format-eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _model_and_cache(model: str | None):
+    from server.config import Settings
+
+    settings = Settings()
+    return (model if model is not None else settings.model), settings.cache_dir
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="softprompt train", description="Train a soft prompt (PEFT prompt tuning or "
+                                "p-tuning) on the frozen base model and save a PEFT adapter directory.")
+    p.add_argument("--task", required=True, help="task name (as served: /v1/tasks/{task}/generate)")
+    p.add_argument("--data", required=True, type=Path, help='JSONL file of {"input": ..., "output": ...} rows')
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: $SOFTPROMPT_MODEL, else the "
+                   "default SmolLM2-135M-Instruct)")
+    p.add_argument("--method", choices=("prompt_tuning", "p_tuning"), default="prompt_tuning")
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--init", default="vocab", help='prompt tuning init: text:"words", random or vocab '
+                   "(default vocab: embeddings of random vocabulary tokens)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-2 prompt tuning, "
+                   "3e-3 p-tuning)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 20")
+    p.add_argument("--encoder-hidden-size", type=int, default=None, help="p-tuning MLP width (default: hidden size)")
+    p.add_argument("--out", type=Path, default=None, help="adapter directory (default: prompts/<task>)")
+    p.add_argument("--chat-template", action="store_true", help="train on the model's chat template "
+                   "(input as a user message, as /v1/chat/completions does)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available, else CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--upload", metavar="URL", default=None, help="after saving, upload to this server's admin API")
+    p.add_argument("--admin-token", default=None, help="for --upload (default: $SOFTPROMPT_ADMIN_TOKEN)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def train_main(argv: list[str] | None = None, *, loaded=None, upload_client=None) -> int:
+    """Run ``softprompt train``. ``loaded`` / ``upload_client`` replace the model and HTTP client (tests)."""
+    args = train_parser().parse_args(argv)
+    import torch
+
+    from prompt_store.errors import PromptError
+    from prompt_store.formats import validate_task_name
+    from server.model_loader import ModelLoadError, load_model
+    from training.adapter import upload_adapter
+    from training.data import DataError
+    from training.train import TrainConfig, TrainingError, result_summary, train
+
+    prog = "softprompt train"
+    try:
+        validate_task_name(args.task)
+    except PromptError as exc:
+        print(f"{prog}: --task: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out if args.out is not None else Path("prompts") / args.task
+    cfg = TrainConfig(
+        task=args.task, data=args.data, out=out, method=args.method, num_virtual_tokens=args.num_virtual_tokens,
+        init=args.init, steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, chat_template=args.chat_template, warmup_steps=args.warmup_steps,
+        encoder_hidden_size=args.encoder_hidden_size, progress=not args.no_progress,
+    )
+    try:
+        if loaded is None:
+            model, cache = _model_and_cache(args.model)
+            loaded = load_model(model, cache_dir=cache, device=args.device, dtype="float32")
+        print(f"model {loaded.model_id} on {loaded.device}: hidden size {loaded.hidden_size}, "
+              f"context {loaded.max_context} tokens")
+        res = train(loaded, cfg)
+    except (DataError, TrainingError, ModelLoadError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    print(result_summary(res))
+    if args.upload or upload_client is not None:
+        from server.client import SoftpromptError
+
+        token = args.admin_token or os.environ.get("SOFTPROMPT_ADMIN_TOKEN")
+        try:
+            meta = upload_adapter(out, args.task, args.upload, token, client=upload_client)
+        except (SoftpromptError, OSError) as exc:
+            print(f"{prog}: upload failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"uploaded {args.task}: {meta['action']}, version {meta['version']}")
+    return 0
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    from training.evaluate import CONDITIONS
+
+    p = argparse.ArgumentParser(prog="softprompt eval", description="Compare the base model, a hand-written "
+                                "instruction and a soft prompt on held-out data (exact match).")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", required=True, type=Path, help="JSONL test file")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", metavar="URL", help="evaluate through a running server's HTTP API")
+    where.add_argument("--prompt", type=Path, help="in-process: the adapter directory or .safetensors file")
+    p.add_argument("--model", default=None, help="in-process base model (default as for train)")
+    p.add_argument("--instruction-file", type=Path, default=None,
+                   help="hand-written instruction (default: instruction.txt next to --data)")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of "
+                   f"{','.join(CONDITIONS)}")
+    p.add_argument("--chat-template", action="store_true", default=None, help="serve the soft prompt on the chat "
+                   "template (default: as recorded in the adapter's softprompt_training.json, else plain)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest expected output + 4 tokens")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--json", type=Path, default=None, help="write the summary and per-row results here")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=16, help="server mode: requests in flight")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _recorded_template(prompt: Path | None) -> bool:
+    from training.adapter import META_FILE
+
+    if prompt is None or not (Path(prompt) / META_FILE).is_file():
+        return False
+    try:
+        return json.loads((Path(prompt) / META_FILE).read_text()).get("template") == "chat"
+    except (OSError, ValueError):
+        return False
+
+
+def eval_main(argv: list[str] | None = None, *, loaded=None, http=None) -> int:
+    """Run ``softprompt eval``. ``loaded`` replaces the in-process model, ``http`` the server client (tests)."""
+    args = eval_parser().parse_args(argv)
+    from prompt_store.errors import PromptError
+    from server.model_loader import ModelLoadError, load_model
+    from training.data import DataError, read_rows
+    from training.evaluate import EngineBackend, HTTPBackend, evaluate, format_table, write_json
+
+    prog = "softprompt eval"
+    conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
+    try:
+        rows = read_rows(args.data)
+    except DataError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    if args.limit:
+        rows = rows[:args.limit]
+    instruction = None
+    ifile = args.instruction_file or args.data.parent / "instruction.txt"
+    if ifile.is_file():
+        instruction = ifile.read_text(encoding="utf-8")
+    elif args.instruction_file is not None:
+        print(f"{prog}: --instruction-file {ifile}: no such file", file=sys.stderr)
+        return 2
+    else:
+        conditions = tuple(c for c in conditions if not c.startswith("instruction"))
+        print(f"no instruction file at {ifile}: skipping the instruction conditions", file=sys.stderr)
+    chat = args.chat_template if args.chat_template is not None else _recorded_template(args.prompt)
+    try:
+        if args.server:
+            backend = HTTPBackend(args.server, args.task, http=http, concurrency=args.concurrency)
+            mode = f"server {args.server}"
+            max_new = args.max_new_tokens or _server_max_new(rows, loaded, args)
+        else:
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            if loaded is None:
+                model, cache = _model_and_cache(args.model)
+                loaded = load_model(model, cache_dir=cache, device=args.device, dtype="auto")
+            need_prompt = "soft_prompt" in conditions
+            backend = EngineBackend(loaded, args.task, args.prompt if need_prompt else None)
+            mode = f"in-process {args.prompt}"
+            from training.evaluate import default_max_new_tokens
+
+            max_new = args.max_new_tokens or default_max_new_tokens(loaded.tokenizer, rows)
+        result = evaluate(rows, backend, conditions=conditions, instruction=instruction, max_new_tokens=max_new,
+                          soft_prompt_chat=chat, progress=not args.no_progress)
+    except (ModelLoadError, PromptError, ValueError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} rows of {args.data}, {mode}, max_new_tokens {max_new}, {result['seconds']} s")
+    print(format_table(args.task, result))
+    if args.json:
+        write_json(args.json, args.task, str(args.data), mode, instruction, max_new, result)
+        print(f"per-row results: {args.json}")
+    return 0
+
+
+def _server_max_new(rows, loaded, args) -> int:
+    """Server mode without ``--max-new-tokens``: count output tokens with the local tokenizer when one is at hand
+    (``loaded`` or the default model's tokenizer files), else 32."""
+    from training.evaluate import default_max_new_tokens
+
+    try:
+        if loaded is not None:
+            return default_max_new_tokens(loaded.tokenizer, rows)
+        from transformers import AutoTokenizer
+
+        from server.model_loader import convert_gguf, default_gguf_path
+
+        model, cache = _model_and_cache(args.model)
+        path = Path(model) if model is not None and Path(model).is_dir() else convert_gguf(default_gguf_path(), cache)
+        return default_max_new_tokens(AutoTokenizer.from_pretrained(path), rows)
+    except Exception:  # noqa: BLE001 - a sensible default beats failing an evaluation over a token count
+        return 32
