@@ -158,4 +158,5 @@ def test_c14_openai_stream_closed_early_stops_computing(slow_srv):
         assert first.choices[0].finish_reason is None
         stream.close()
     _assert_no_more_compute(slow_srv)
-    assert 1 <= _tokens(slow_srv) - before < MAX_NEW / 2
+    made = _tokens(slow_srv) - before
+    assert made >= 1 and made < MAX_NEW / 2
