@@ -27,6 +27,7 @@ from srv_helpers import (  # noqa: E402
     TINY_HIDDEN,
     build_tiny_model,
     make_prompt,
+    make_settings,
     wrap_loaded,
 )
 
@@ -94,25 +95,8 @@ def rand_prompt() -> Callable[..., object]:
 
 
 def app_settings(prompts: Path | None, **overrides) -> Settings:
-    """Settings for a test app; every field that matters is given explicitly (SOFTPROMPT_* env ignored)."""
-    kw: dict = dict(
-        prompts=prompts,
-        watch=True,
-        admin_token=ADMIN_TOKEN,
-        kv_cache_bytes=64 * 1024**2,
-        prefix_cache_bytes=16 * 1024**2,
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
-        max_virtual_tokens=128,
-        max_prompt_bytes=16 * 1024 * 1024,
-        default_max_new_tokens=64,
-        max_waiting=1024,
-        torch_threads=None,
-        device="cpu",
-        dtype="float32",
-    )
-    kw.update(overrides)
-    return Settings(**kw)
+    """Settings for a test app: watched prompt directory, admin token ADMIN_TOKEN (see ``make_settings``)."""
+    return make_settings(prompts, **{"watch": True, "admin_token": ADMIN_TOKEN, **overrides})
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
+from srv_helpers import make_settings
 
 from server.app import create_app
 from server.config import Settings
@@ -34,26 +35,10 @@ LONG_CONTEXT = 1024
 
 
 def api_settings(prompts: Path | None, **overrides) -> Settings:
-    """Settings for a test server; every field that matters is explicit (SOFTPROMPT_* variables never leak in)."""
-    kw: dict = dict(
-        prompts=prompts,
-        watch=False,
-        admin_token=LIVE_ADMIN_TOKEN,
-        kv_cache_bytes=64 * 1024**2,
-        prefix_cache_bytes=16 * 1024**2,
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
-        max_virtual_tokens=128,
-        max_prompt_bytes=16 * 1024 * 1024,
-        default_max_new_tokens=64,
-        max_waiting=1024,
-        torch_threads=None,
-        device="cpu",
-        dtype="float32",
-        log_level="warning",
+    """Settings for a live test server: no watcher, admin token LIVE_ADMIN_TOKEN (see ``make_settings``)."""
+    return make_settings(
+        prompts, **{"watch": False, "admin_token": LIVE_ADMIN_TOKEN, "log_level": "warning", **overrides}
     )
-    kw.update(overrides)
-    return Settings(**kw)
 
 
 # ----------------------------------------------------------------------------------------------------- models

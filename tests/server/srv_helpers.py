@@ -19,6 +19,7 @@ import torch
 
 from prompt_store.formats import ParsedPrompt
 from prompt_store.registry import PromptRegistry, SoftPrompt
+from server.config import Settings
 from server.engine import Engine, EngineConfig
 from server.model_loader import LoadedModel
 from server.request import Request, SamplingParams
@@ -216,3 +217,24 @@ def decode_text(tokenizer, tokens: Sequence[int], eos: Sequence[int] = (EOS_ID,)
     """The text a response must carry for ``tokens``: end tokens left out, special tokens skipped, no clean-up."""
     return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True,
                             clean_up_tokenization_spaces=False)
+
+
+def make_settings(prompts: Path | None, **overrides) -> Settings:
+    """Settings for a test app: every field that matters is given explicitly, so SOFTPROMPT_* variables in the
+    environment never leak in; ``overrides`` win."""
+    kw: dict = dict(
+        prompts=prompts,
+        kv_cache_bytes=64 * 1024**2,
+        prefix_cache_bytes=16 * 1024**2,
+        max_num_seqs=64,
+        max_num_batched_tokens=2048,
+        max_virtual_tokens=128,
+        max_prompt_bytes=16 * 1024 * 1024,
+        default_max_new_tokens=64,
+        max_waiting=1024,
+        torch_threads=None,
+        device="cpu",
+        dtype="float32",
+    )
+    kw.update(overrides)
+    return Settings(**kw)
