@@ -1,7 +1,9 @@
-"""The ``softprompt`` command: ``serve``, ``prepare-model``, ``upload``, ``bench``, ``train`` and ``eval``.
+"""The server's subcommands of ``softprompt``: ``serve``, ``prepare-model`` and ``upload``.
 
-``serve``'s flags are generated from :class:`server.config.Settings`, so each flag has the same name, default and
-environment variable (``SOFTPROMPT_<FIELD>``) as its setting; a flag given on the command line wins.
+:func:`register` adds them to the root command (:mod:`softprompt_cli`); this module never imports ``training`` or
+``bench``, which add their own. ``serve``'s flags are generated from :class:`server.config.Settings`, so each flag
+has the same name, default and environment variable (``SOFTPROMPT_<FIELD>``) as its setting; a flag given on the
+command line wins.
 """
 
 from __future__ import annotations
@@ -85,52 +87,36 @@ def _upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _clean_errors(command: str, func):
+    """``func`` with bad settings or a bad model path reported as one line on stderr and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except Exception as exc:  # noqa: BLE001 - a clean one-line error for bad settings or a bad model path
+            from pydantic import ValidationError
+
+            from server.model_loader import ModelLoadError
+
+            if isinstance(exc, ValidationError | ModelLoadError):
+                print(f"softprompt {command}: {exc}", file=sys.stderr)
+                return 2
+            raise
+
+    return run
+
+
+def register(sub) -> None:
+    """Add ``serve``, ``prepare-model`` and ``upload`` to the root command's subparsers."""
     serve = sub.add_parser("serve", help="run the HTTP server")
     _add_settings_flags(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_clean_errors("serve", _serve))
     prep = sub.add_parser("prepare-model", help="convert the model once into the safetensors cache")
     _add_settings_flags(prep)
-    prep.set_defaults(func=_prepare_model)
+    prep.set_defaults(func=_clean_errors("prepare-model", _prepare_model))
     up = sub.add_parser("upload", help="upload a soft prompt to a running server (admin API)")
     up.add_argument("path", help=".safetensors file, .zip/.tar.gz of a PEFT adapter, or a PEFT adapter directory")
     up.add_argument("--task", required=True)
     up.add_argument("--server", default="http://127.0.0.1:8000")
     up.add_argument("--admin-token", default=None, help="default: $SOFTPROMPT_ADMIN_TOKEN")
-    up.set_defaults(func=_upload)
-    bench = sub.add_parser("bench", help="benchmark a live server over HTTP against a sequential baseline",
-                           add_help=False)
-    bench.set_defaults(func=None)
-    # train / eval parse their own flags (training.cli); the package is imported only when they run.
-    sub.add_parser("train", help="train a soft prompt on the frozen base model (PEFT adapter directory)",
-                   add_help=False).set_defaults(func=None)
-    sub.add_parser("eval", help="compare base model, instruction and soft prompt on held-out data",
-                   add_help=False).set_defaults(func=None)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        from bench.serve_bench import main as bench_main
-
-        return bench_main(rest)
-    if args.command in ("train", "eval"):
-        from training.cli import eval_main, train_main
-
-        return (train_main if args.command == "train" else eval_main)(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        return args.func(args)
-    except Exception as exc:  # noqa: BLE001 - a clean one-line error for bad settings or a bad model path
-        from pydantic import ValidationError
-
-        from server.model_loader import ModelLoadError
-
-        if isinstance(exc, ValidationError | ModelLoadError):
-            print(f"softprompt {args.command}: {exc}", file=sys.stderr)
-            return 2
-        raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    up.set_defaults(func=_clean_errors("upload", _upload))

@@ -1,8 +1,9 @@
 """``softprompt train`` and ``softprompt eval``: argument parsing and the two entry points.
 
-``server/cli.py`` hands everything after the subcommand to :func:`train_main` / :func:`eval_main` (imported only
-when the subcommand runs). Both return an exit status: 0 success, 1 a failed upload or server error, 2 bad input
-(a bad data file, bad options, a model or prompt that cannot be loaded).
+:func:`register` adds both to the root command (:mod:`softprompt_cli`), which hands everything after the
+subcommand to :func:`train_main` / :func:`eval_main`; their heavy imports happen only when the subcommand runs.
+Both return an exit status: 0 success, 1 a failed upload or server error, 2 bad input (a bad data file, bad
+options, a model or prompt that cannot be loaded).
 
 Examples::
 
@@ -19,6 +20,14 @@ import json
 import os
 import sys
 from pathlib import Path
+
+
+def register(sub) -> None:
+    """Add ``train`` and ``eval`` to the root command's subparsers; each parses its own flags."""
+    sub.add_parser("train", help="train a soft prompt on the frozen base model (PEFT adapter directory)",
+                   add_help=False).set_defaults(argv_func=train_main)
+    sub.add_parser("eval", help="compare base model, instruction and soft prompt on held-out data",
+                   add_help=False).set_defaults(argv_func=eval_main)
 
 
 def _model_and_cache(model: str | None):

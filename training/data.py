@@ -14,8 +14,8 @@ model's context.
     ids        = [n_virtual virtual tokens] + input ids           + output ids + [EOS]
     labels     = [-100] * n_virtual         + [-100] * len(input ids) + output ids + [EOS]
 
-``tokenizer(input)`` uses the tokenizer's defaults, as ``server.api.service.build_request`` does (SmolLM2's adds
-no BOS). Nothing joins input and output: the server generates the output tokens right after the input's. The
+``tokenizer(input)`` uses the tokenizer's defaults, as ``server.request_builder.make_request`` does (SmolLM2's
+adds no BOS). Nothing joins input and output: the server generates the output tokens right after the input's. The
 loss covers only the output ids and the EOS; PEFT prepends the ``-100`` labels of the virtual tokens itself.
 
 **Chat template** (``--chat-template``): the input ids are

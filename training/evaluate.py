@@ -131,11 +131,10 @@ class EngineBackend:
         """Submit every job at once (the engine batches them), wait for all; one :class:`Generation` per job."""
         from tqdm.auto import tqdm
 
-        from server.api.errors import APIError
-        from server.api.service import build_request
         from server.engine import Engine, EngineConfig
         from server.model_runner import ModelRunner
         from server.request import SamplingParams
+        from server.request_builder import make_request
         from training.data import input_ids_for
 
         tok = self.loaded.tokenizer
@@ -160,9 +159,9 @@ class EngineBackend:
                 if job.soft_prompt and prompt is None:
                     raise ValueError("a soft_prompt job needs prompt_path")
                 try:
-                    req = build_request(engine, prompt, job.text, params, token_ids=tids)
+                    req = make_request(engine, prompt, job.text, params, token_ids=tids)
                     streams.append(engine.submit(req))
-                except (APIError, ValueError) as exc:
+                except ValueError as exc:  # server.engine.RequestRejectedError included
                     streams.append(exc)
             for s in tqdm(streams, disable=not progress, desc="eval", unit="req"):
                 if isinstance(s, Exception):

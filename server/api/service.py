@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 
 from fastapi import Request as HTTPRequest
 from fastapi.sse import format_sse_event
@@ -15,6 +14,7 @@ from prompt_store.registry import SoftPrompt
 from server.api.errors import APIError
 from server.engine import Engine, EngineDeadError, EngineOverloadedError, RequestOutput, RequestRejectedError
 from server.request import Request, SamplingParams
+from server.request_builder import make_request
 
 
 def lookup_task(state, task: str) -> SoftPrompt:
@@ -30,16 +30,13 @@ def build_request(
     engine: Engine, prompt: SoftPrompt | None, text: str | None, params: SamplingParams, *,
     token_ids: list[int] | None = None, param: str = "inputs",
 ) -> Request:
-    """Tokenize ``text`` (with the tokenizer's defaults) unless ``token_ids`` are given, then check the request:
-    422 for an empty one, 400 when it cannot fit the context or the KV cache (``param`` names the input field)."""
-    ids = list(token_ids) if token_ids is not None else list(engine.loaded.tokenizer(text or "")["input_ids"])
-    req = Request(uuid.uuid4().hex, ids, params, prompt, prompt.task if prompt else "")
+    """:func:`server.request_builder.make_request`, with a rejection as an HTTP error: 422 for an empty request,
+    400 when it cannot fit the context or the KV cache (``param`` names the input field)."""
     try:
-        engine.check(req)
+        return make_request(engine, prompt, text, params, token_ids=token_ids)
     except RequestRejectedError as exc:
         status = 422 if exc.code == "empty_input" else 400
         raise APIError(status, str(exc), code=exc.code, param=param) from exc
-    return req
 
 
 def submit(engine: Engine, req: Request):

@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from server.cli import main as cli_main
 from server.client import SoftpromptClient, SoftpromptError
+from softprompt_cli import main as cli_main
 
 
 @pytest.fixture

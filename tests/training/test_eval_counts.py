@@ -147,3 +147,15 @@ def test_chat_template_prompt_is_evaluated_on_the_chat_template(fresh_tiny, km_d
     for row, res in zip(rows, result["rows"], strict=True):
         ref = greedy(fresh_tiny.model, input_ids_for(tok, row.input, chat_template=True), prompt, 4)
         assert res["results"]["soft_prompt"]["output"] == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_engine_eval_reports_a_rejected_row_as_an_error(tiny_loaded):
+    """A row the engine refuses (longer than the context) is that row's error, not the run's: the request is built
+    and checked by ``server.request_builder.make_request``, without the HTTP layer."""
+    rows = [Row(1, "2 km", "2000 m"), Row(2, "km " * 400, "x")]
+    result = evaluate(rows, EngineBackend(tiny_loaded, "km", None), conditions=("base",), instruction=None,
+                      max_new_tokens=MAX_NEW, progress=False)
+    assert result["summary"]["base"]["errors"] == 1
+    assert result["rows"][0]["results"]["base"]["error"] is None
+    bad = result["rows"][1]["results"]["base"]
+    assert bad["output"] == "" and bad["finish_reason"] is None and "context" in bad["error"], bad

@@ -70,7 +70,7 @@ def test_row_longer_than_the_context_is_refused(write_jsonl, smol_tokenizer):
 def test_plain_template_is_what_the_server_tokenizes(smol_tokenizer):
     tok = smol_tokenizer
     enc = encode_row(tok, Row(1, "2021-03-14", "14 March 2021"), end_id=2)
-    inp = tok("2021-03-14")["input_ids"]  # server.api.service.build_request: tokenizer defaults
+    inp = tok("2021-03-14")["input_ids"]  # server.request_builder.make_request: tokenizer defaults
     out = tok("14 March 2021", add_special_tokens=False)["input_ids"]
     assert enc.input_ids == inp + out + [2]
     assert enc.labels == [IGNORE_INDEX] * len(inp) + out + [2]
