@@ -21,7 +21,7 @@ from server.api import admin, generate, openai_compat, ops
 from server.api.admin_gate import AdminGate
 from server.api.errors import install_error_handlers
 from server.config import Settings
-from server.engine import Engine, EngineConfig
+from server.engine import Engine
 from server.metrics import Metrics
 from server.model_loader import LoadedModel, load_model
 
@@ -49,18 +49,7 @@ class AppState:
             import torch
 
             torch.set_num_threads(s.torch_threads)
-        self.engine = Engine(
-            self.loaded,
-            EngineConfig(
-                max_num_seqs=s.max_num_seqs,
-                max_num_batched_tokens=s.max_num_batched_tokens,
-                kv_cache_bytes=s.kv_cache_bytes,
-                max_virtual_tokens=s.max_virtual_tokens,
-                prefix_cache_bytes=s.prefix_cache_bytes,
-                max_waiting=s.max_waiting,
-            ),
-            self.metrics,
-        )
+        self.engine = Engine(self.loaded, s.engine_config(), self.metrics)
         self.engine.start()
         m = self.metrics
         m.prompts_loaded.set_function(lambda: len(self.registry))

@@ -13,6 +13,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.engine_config import EngineConfig
+
+_E = EngineConfig  # engine defaults live there, once
+
 
 def default_cache_dir() -> Path:
     """Where converted models are cached: ``$XDG_CACHE_HOME/softprompt-server`` or ``~/.cache/softprompt-server``."""
@@ -43,7 +47,7 @@ class Settings(BaseSettings):
     # --- prompts ----------------------------------------------------------------------------------------------
     prompts: Path | None = Field(None, description="Directory of soft prompts, watched for changes.")
     watch: bool = Field(True, description="Hot-reload the prompt directory.")
-    max_virtual_tokens: int = Field(128, ge=1, description="Largest num_virtual_tokens accepted.")
+    max_virtual_tokens: int = Field(_E.max_virtual_tokens, ge=1, description="Largest num_virtual_tokens accepted.")
     max_prompt_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest prompt file/upload, bytes.")
 
     # --- HTTP -------------------------------------------------------------------------------------------------
@@ -53,16 +57,28 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- engine limits ----------------------------------------------------------------------------------------
-    max_num_seqs: int = Field(64, ge=1, description="Most sequences running (decoding) at once.")
-    max_num_batched_tokens: int = Field(2048, ge=16, description="Most tokens computed in one engine step.")
+    max_num_seqs: int = Field(_E.max_num_seqs, ge=1, description="Most sequences running (decoding) at once.")
+    max_num_batched_tokens: int = Field(
+        _E.max_num_batched_tokens, ge=16, description="Most tokens computed in one engine step."
+    )
     kv_cache_bytes: int = Field(
-        1024**3, ge=1024 * 1024, description="Budget for the running requests' KV cache, bytes."
+        _E.kv_cache_bytes, ge=1024 * 1024, description="KV cache for the running requests' own positions, bytes."
     )
-    prefix_cache_bytes: int = Field(
-        256 * 1024**2, ge=0, description="Budget for cached per-prompt virtual-token KV, bytes."
+    prompt_kv_cache_bytes: int = Field(
+        _E.prompt_kv_cache_bytes, ge=0,
+        description="Budget for soft prompts' shared virtual-token KV kept while unused, bytes (README: sizing).",
     )
+    block_size: int = Field(_E.block_size, ge=1, le=1024, description="Token positions per KV block.")
     default_max_new_tokens: int = Field(64, ge=1)
-    max_waiting: int = Field(1024, ge=1, description="Most queued requests before new ones get 503.")
+    max_waiting: int = Field(_E.max_waiting, ge=1, description="Most queued requests before new ones get 503.")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine limits these settings ask for."""
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            kv_cache_bytes=self.kv_cache_bytes, prompt_kv_cache_bytes=self.prompt_kv_cache_bytes,
+            block_size=self.block_size, max_virtual_tokens=self.max_virtual_tokens, max_waiting=self.max_waiting,
+        )
 
     @field_validator("admin_token", mode="after")
     @classmethod

@@ -115,7 +115,7 @@ class StopMatcher:
         return longest
 
 
-class OutputProcessor:
+class TextPipeline:
     """Per-request text pipeline: detokenizer, then stop strings.
 
     :meth:`add` returns ``(text_delta, hit_stop)``; :meth:`finish` releases the held tail when the request ends

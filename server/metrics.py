@@ -5,7 +5,7 @@ Names follow Prometheus conventions: ``softprompt_`` prefix, base units (seconds
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 60, 120)
@@ -19,6 +19,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self.requests = Counter(
             "softprompt_requests", "Generation requests by task and outcome.", ["task", "status"], registry=r
         )
@@ -53,7 +54,36 @@ class Metrics:
             "softprompt_step_duration_seconds", "Wall time of one engine step (schedule, forward, sample, emit).",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10), registry=r,
         )
-        self.kv_used_blocks = Gauge("softprompt_kv_cache_used_blocks", "KV blocks reserved.", registry=r)
+        self.step_seconds = Counter(
+            "softprompt_step_seconds", "Engine step wall time by kind: prefill (no one-token row), decode (only "
+            "one-token rows), mixed.", ["kind"], registry=r,
+        )
+        self.step_tokens_total = Counter(
+            "softprompt_step_positions", "Token positions computed, by step kind (see softprompt_step_seconds).",
+            ["kind"], registry=r,
+        )
+        self.queue_wait = Histogram(
+            "softprompt_queue_wait_seconds", "Time from arrival to first admission.", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "softprompt_preemptions", "Running requests preempted (KV freed, recomputed later).", registry=r
+        )
+        self.kv_used_blocks = Gauge("softprompt_kv_cache_used_blocks", "KV blocks in use (any owner).", registry=r)
+        self.kv_blocks = Gauge(
+            "softprompt_kv_cache_blocks", "KV blocks by owner: prompts (shared virtual-token KV), requests (their "
+            "own positions), free.", ["owner"], registry=r,
+        )
+        self.kv_blocks_saved = Gauge(
+            "softprompt_kv_cache_blocks_saved", "KV blocks that sharing prompt KV saves now (each running request "
+            "beyond the first of a prompt would otherwise hold its own copy).", registry=r,
+        )
+        self.prompt_kv_cached = Gauge(
+            "softprompt_prompt_kv_cached", "Soft prompts whose virtual-token KV is cached.", registry=r
+        )
+        self.prompt_kv_bytes = Gauge(
+            "softprompt_prompt_kv_bytes", "Bytes of cached prompt KV (in use or kept under the budget).", registry=r
+        )
         self.prompts_loaded = Gauge("softprompt_prompts_loaded", "Soft prompts servable now.", registry=r)
         self.prompt_load_errors = Counter(
             "softprompt_prompt_load_errors", "Prompt files or uploads refused, by reason.", ["reason"],

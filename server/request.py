@@ -13,17 +13,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import torch
-
     from prompt_store.registry import SoftPrompt
-    from server.detokenizer import OutputProcessor
+    from server.prompt_cache import PromptKV
 
 
 GREEDY_BELOW = 1e-5
 
 
 class RequestStatus(enum.IntEnum):
-    """Ordered: every status greater than RUNNING is finished."""
+    """Ordered: every status greater than RUNNING is finished. A preempted request goes back to WAITING."""
 
     WAITING = 0
     RUNNING = 1
@@ -77,7 +75,8 @@ class SamplingParams:
 
 @dataclass(eq=False)
 class Request:
-    """One generation request as the engine tracks it.
+    """One generation request as the scheduler tracks it. Holds no tensors: per-request device state (sampling
+    generators, KV contents) belongs to the model runner, detokenizer state to the output processor.
 
     Attributes:
         request_id: unique id.
@@ -86,9 +85,13 @@ class Request:
         soft_prompt: the task's prompt version this request was admitted with (held even if the task's file is
             replaced or deleted mid-generation), or None for the plain base model.
         task: task name for metrics ("" for the base model).
+        eos_token_ids: ids that end generation.
         output_token_ids: generated ids so far.
         num_computed_tokens: positions whose KV is in the cache.
-        blocks: KV blocks reserved at admission.
+        block_table: KV block ids holding positions ``0, 1, ...`` in order; shared prompt blocks come first.
+        prompt_kv: the shared prompt-KV entry this request holds while running, if any.
+        num_preemptions: times the request was preempted (its KV freed, to be recomputed).
+        arrival_time, admit_time, first_token_time, finish_time: ``time.monotonic()`` seconds.
     """
 
     request_id: str
@@ -101,13 +104,12 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    blocks: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    prompt_kv: PromptKV | None = None
+    num_preemptions: int = 0
+    admit_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    # engine-side state, owned by the engine thread
-    slots: torch.Tensor | None = None  # [max_positions] KV slot ids
-    generator: torch.Generator | None = None
-    processor: OutputProcessor | None = None  # detokenizer + stop strings
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -125,12 +127,12 @@ class Request:
 
     @property
     def max_positions(self) -> int:
-        """KV positions reserved: virtual + text + max_new_tokens."""
+        """Positions the request can ever hold: virtual + text + max_new_tokens."""
         return self.num_prompt_positions + self.params.max_new_tokens
 
     @property
-    def num_cached_prefix(self) -> int:
-        """Virtual positions served from the per-prompt KV cache at admission: all but the last one."""
+    def num_shared_prefix(self) -> int:
+        """Virtual positions served from the prompt-KV cache: all but the last one (0 without a prompt)."""
         return max(self.num_virtual_tokens - 1, 0)
 
     def token_ids_for(self, start: int, end: int) -> list[int]:

@@ -1,7 +1,9 @@
-"""Next-token selection: greedy, or temperature / top-k / top-p sampling with a per-request generator.
+"""Next-token selection for a whole step at once: greedy, or temperature / top-k / top-p sampling.
 
-Each row samples from its own logits with its own ``torch.Generator``, so a seeded request's output does not depend
-on which other rows share its batch.
+The sampled rows share every tensor operation (one sort, one softmax, one cumulative sum); only the uniform draw
+is per row, from the request's own ``torch.Generator``, so a seeded request's output does not depend on which
+other rows share its batch. A token is drawn by inverting the cumulative distribution of the kept tokens at that
+uniform (the same distribution ``torch.multinomial`` samples).
 """
 
 from __future__ import annotations
@@ -19,30 +21,38 @@ def sample(
     Args:
         logits: fp32 ``[num_rows, vocab_size]``.
         params: one per row.
-        generators: one per row (None allowed for greedy rows).
+        generators: one per row (None allowed for greedy rows; a sampled row without one uses torch's default).
     Returns:
         ``num_rows`` token ids.
     """
     out = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            out[i] = _sample_row(logits[i], p, generators[i])
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        picked = _sample_rows(logits[rows], [params[i] for i in rows], [generators[i] for i in rows])
+        for i, t in zip(rows, picked, strict=True):
+            out[i] = t
     return out
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """Temperature, then top-k, then top-p (the smallest set of tokens whose mass reaches ``top_p``). Runs on the
-    CPU whatever the model's device, so a seed gives the same tokens on CPU and CUDA."""
+def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+                 ) -> list[int]:
+    """Temperature, then top-k (ties with the k-th score kept), then top-p (the smallest set of most likely
+    tokens whose mass reaches ``top_p``), for ``[S, vocab]`` logits. Runs on the CPU whatever the model's device,
+    so a seed gives the same tokens on CPU and CUDA."""
     scores = logits.detach().float().cpu()
-    scores = (scores - scores.max()) / p.temperature  # [vocab]; max-shifted so large logits cannot overflow
-    if p.top_k > 0 and p.top_k < scores.shape[0]:
-        kth = torch.topk(scores, p.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, dim=-1) >= p.top_p  # mass before this token already enough
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    vocab = scores.shape[1]
+    temp = torch.tensor([p.temperature for p in params])[:, None]
+    scores = (scores - scores.max(dim=-1, keepdim=True).values) / temp  # max-shifted: no overflow
+    sorted_s, order = torch.sort(scores, dim=-1, descending=True)  # [S, V]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params])
+    kth = sorted_s.gather(1, (top_k - 1)[:, None])  # [S, 1]
+    sorted_s = sorted_s.masked_fill(sorted_s < kth, float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params])[:, None]
+    probs = torch.softmax(sorted_s, dim=-1)
+    drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # mass before this token already enough
+    probs = torch.softmax(sorted_s.masked_fill(drop, float("-inf")), dim=-1)
+    cdf = probs.cumsum(-1)  # [S, V]
+    u = torch.cat([torch.rand(1, generator=g) for g in gens])[:, None] * cdf[:, -1:]  # [S, 1]
+    idx = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)  # first token whose cdf exceeds u
+    idx = torch.minimum(idx, (probs > 0).sum(-1, keepdim=True) - 1)  # never past the kept tokens
+    return order.gather(1, idx)[:, 0].tolist()

@@ -170,21 +170,27 @@ def script_engine(monkeypatch) -> Callable[..., list[int]]:
     counts."""
 
     def script(engine, num_prompt_positions: int, tokens: Sequence[int]) -> list[int]:
-        real = engine.runner.forward
+        runner = engine.runner
+        real_forward, real_logits = runner._forward, runner.model.logits
         eos = min(engine.eos_token_ids)
         calls: list[int] = []
+        sampling: list = []
 
         def forward(rows):
-            real_logits = real(rows)  # [num_rows_with_logits, vocab] (an inference tensor: not edited)
             calls.append(len(rows))
-            logits = torch.full(tuple(real_logits.shape), float("-inf"))
-            need = [r for r in rows if r.need_logits]
-            for i, r in enumerate(need):
-                k = r.start + len(r.token_ids) - num_prompt_positions  # index of the token sampled next
-                logits[i, tokens[k] if 0 <= k < len(tokens) else eos] = 0.0
-            return logits
+            sampling[:] = [r for r in rows if r.completes_prompt]
+            return real_forward(rows)
 
-        monkeypatch.setattr(engine.runner, "forward", forward)
+        def logits(hidden):
+            real = real_logits(hidden)  # [num_sampling_rows, vocab]
+            out = torch.full(tuple(real.shape), float("-inf"))
+            for i, r in enumerate(sampling):
+                k = r.start + r.num_tokens - num_prompt_positions  # index of the token sampled next
+                out[i, tokens[k] if 0 <= k < len(tokens) else eos] = 0.0
+            return out
+
+        monkeypatch.setattr(runner, "_forward", forward)
+        monkeypatch.setattr(runner.model, "logits", logits)
         return calls
 
     return script

@@ -158,7 +158,7 @@ def test_admin_disabled_is_a_403(live_server, tmp_path, rand_embeddings):
 
 def test_stream_error_event_raises(sp, srv, monkeypatch):
     engine = srv.engine
-    real = engine.runner.forward
+    real = engine.runner._forward
     calls = [0]
 
     def forward(rows):
@@ -167,7 +167,7 @@ def test_stream_error_event_raises(sp, srv, monkeypatch):
             raise RuntimeError("injected failure for the client")
         return real(rows)
 
-    monkeypatch.setattr(engine.runner, "forward", forward)
+    monkeypatch.setattr(engine.runner, "_forward", forward)
     got = []
     with pytest.raises(SoftpromptError) as exc:
         for event in sp.generate_stream(None, "Stream until it breaks", max_new_tokens=30):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.detokenizer import REPLACEMENT, IncrementalDetokenizer, OutputProcessor
+from server.detokenizer import REPLACEMENT, IncrementalDetokenizer, TextPipeline
 
 # accented letters, CJK and two emoji (one of them glued to a CJK run, one followed by a word)
 TEXT = "Café naïve, résumé: 東京の天気は晴れ 🙂🎉 ok"
@@ -77,7 +77,7 @@ def test_skip_ids_are_never_rendered(smol_tokenizer, text_ids):
 
 @pytest.mark.parametrize("stop", ["天気", "🎉", "晴れ 🙂", "é: 東"])
 def test_c13_output_processor_cuts_multibyte_stop_strings(smol_tokenizer, text_ids, stop):
-    proc = OutputProcessor(smol_tokenizer, [smol_tokenizer.eos_token_id], [stop])
+    proc = TextPipeline(smol_tokenizer, [smol_tokenizer.eos_token_id], [stop])
     expected = TEXT[: TEXT.index(stop)]
     out, hit_at = [], None
     for k, i in enumerate(text_ids, start=1):
@@ -96,7 +96,7 @@ def test_c13_output_processor_cuts_multibyte_stop_strings(smol_tokenizer, text_i
 
 
 def test_output_processor_without_stops_releases_everything(smol_tokenizer, text_ids):
-    proc = OutputProcessor(smol_tokenizer, [smol_tokenizer.eos_token_id])
+    proc = TextPipeline(smol_tokenizer, [smol_tokenizer.eos_token_id])
     parts = [proc.add(i)[0] for i in text_ids[:-3]]
     parts.append(proc.finish())  # ends mid-emoji: the held bytes are flushed as a full decode renders them
     assert "".join(parts) == smol_tokenizer.decode(text_ids[:-3]) == proc.text

@@ -27,13 +27,13 @@ GENERATED = "softprompt_generated_tokens_total"
 @pytest.fixture
 def slow_srv(live_server, tiny_long_loaded, monkeypatch):
     srv = live_server(loaded=tiny_long_loaded, max_num_seqs=2, max_num_batched_tokens=64)
-    real = srv.engine.runner.forward
+    real = srv.engine.runner._forward
 
     def forward(rows):
         time.sleep(STEP_DELAY_S)
         return real(rows)
 
-    monkeypatch.setattr(srv.engine.runner, "forward", forward)
+    monkeypatch.setattr(srv.engine.runner, "_forward", forward)
     return srv
 
 
@@ -92,7 +92,7 @@ def _assert_no_more_compute(srv) -> None:
     """Rows freed, and neither engine steps nor generated tokens advance any more."""
     engine = srv.engine
     assert _poll(lambda: not engine.scheduler.running and not engine.scheduler.waiting, DEADLINE_S)
-    assert engine.allocator.num_used_blocks == 0  # their KV blocks are back in the pool
+    assert engine.core.pool.num_used == engine.core.prompt_cache.num_blocks  # their KV blocks are back
     steps, tokens = engine.steps, _tokens(srv)
     time.sleep(0.5)  # a row still running would advance ~25 steps here
     assert engine.steps == steps

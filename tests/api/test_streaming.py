@@ -106,7 +106,7 @@ def test_stream_errors_before_the_stream_are_plain_json(client):
 
 def _fail_after(monkeypatch, engine, n_ok: int) -> list[int]:
     """Make the engine's forward pass raise from its ``n_ok + 1``-th call on; returns the call counter."""
-    real = engine.runner.forward
+    real = engine.runner._forward
     calls = [0]
 
     def forward(rows):
@@ -115,7 +115,7 @@ def _fail_after(monkeypatch, engine, n_ok: int) -> list[int]:
             raise RuntimeError("injected forward failure")
         return real(rows)
 
-    monkeypatch.setattr(engine.runner, "forward", forward)
+    monkeypatch.setattr(engine.runner, "_forward", forward)
     return calls
 
 

@@ -145,7 +145,7 @@ def peft_greedy_reference(
 # ----------------------------------------------------------------------------------------------------- engine
 def make_engine(loaded: LoadedModel, **cfg) -> Engine:
     """An engine whose loop is NOT started: tests drive it with :func:`run_sync` step by step."""
-    base = dict(kv_cache_bytes=16 * 1024**2, prefix_cache_bytes=8 * 1024**2)
+    base = dict(kv_cache_bytes=16 * 1024**2, prompt_kv_cache_bytes=8 * 1024**2)
     base.update(cfg)
     return Engine(loaded, EngineConfig(**base))
 
@@ -225,7 +225,7 @@ def make_settings(prompts: Path | None, **overrides) -> Settings:
     kw: dict = dict(
         prompts=prompts,
         kv_cache_bytes=64 * 1024**2,
-        prefix_cache_bytes=16 * 1024**2,
+        prompt_kv_cache_bytes=16 * 1024**2,
         max_num_seqs=64,
         max_num_batched_tokens=2048,
         max_virtual_tokens=128,

@@ -47,6 +47,14 @@ def result(req) -> tuple[list[int], str]:
     return list(req.output_token_ids), req.status.finish_reason
 
 
+def assert_kv_released(engine) -> None:
+    """No request holds KV blocks: every block in use belongs to the prompt-KV cache."""
+    core = engine.core
+    assert not core.scheduler.running
+    assert core.pool.num_used == core.prompt_cache.num_blocks
+    assert all(e.users == 0 for e in core.prompt_cache._entries.values())
+
+
 def assert_same_first_step(reqs) -> None:
     """Requests that got their first token in the same engine step share ``first_token_time``."""
     assert len({r.first_token_time for r in reqs}) == 1
@@ -72,7 +80,7 @@ def test_mixed_tasks_and_base_rows_equal_alone_and_reference(tiny_loaded):
         assert result(req) == ref
         assert run_alone(make_engine(tiny_loaded), spec) == ref
         assert len(req.output_token_ids) == spec.max_new_tokens  # the tiny model does not reach EOS here
-    assert engine.allocator.num_used_blocks == 0
+    assert_kv_released(engine)
 
 
 def test_c1_short_and_long_input_same_task_same_step(tiny_loaded):
@@ -182,47 +190,40 @@ def test_c3_rows_never_get_another_tasks_prompt(tiny_loaded):
 
 
 class MaskRecorder:
-    """Wraps a runner so that, at prefill and at every decode step, each row's attended key length is recorded
-    next to what it must be: virtual + text + generated-so-far positions of the request owning the row."""
+    """Wraps the runner so that, at prefill and at every decode step, each row's attended key length (its
+    ``seq_len`` in the step's attention metadata) is recorded next to what it must be: virtual + text +
+    generated-so-far positions of the request owning the row. Prompt-KV passes are recorded with request None.
+    ``ok`` checks that the row's metadata block table is the request's own block table."""
 
     def __init__(self, engine, monkeypatch) -> None:
+        import server.model_runner as mr
+
         runner = engine.runner
         self.records: list[dict] = []
         self.lock = threading.Lock()
-        owner: dict[int, object] = {}
-        pad = runner.pool.pad_slot
-        orig_forward, orig_dec, orig_causal = runner.forward, runner._decode_index, runner._causal_mask
+        current: dict = {}
+        orig_forward, orig_build = runner._forward, mr.build_metadata
 
         def forward(rows):
-            by_slots = {id(q.slots): q for q in engine.scheduler.running if q.slots is not None}
-            owner.clear()
-            for r in rows:
-                q = by_slots.get(id(r.slots))
-                owner[id(r.slots)] = (q, None if q is None else q.num_virtual_tokens + len(q.prompt_token_ids)
-                                      + len(q.output_token_ids))
+            current["rows"] = rows
             return orig_forward(rows)
 
-        def decode_index(rows, dec):
-            gather, mask = orig_dec(rows, dec)
-            for b, i in enumerate(dec):
-                r = rows[i]
-                n = int(mask[b].sum()) if mask is not None else gather.shape[1]
-                q, expected = owner[id(r.slots)]
-                ok = torch.equal(gather[b, :n], r.slots[:n]) and bool((gather[b, n:] == pad).all())
-                self._add(q, "decode", n, expected, ok)
-            return gather, mask
+        def build(specs, block_size, device="cpu"):
+            meta = orig_build(specs, block_size, device)
+            rows = current.pop("rows", None)
+            for i, (qlen, slen, table) in enumerate(zip(meta.query_lens, meta.seq_lens_list, meta.block_tables_list,
+                                                        strict=True)):
+                kind = "decode" if qlen == 1 and slen > 1 else "prefill"
+                if rows is None:
+                    self._add(None, kind, slen, None, True)
+                    continue
+                q = rows[i].request
+                expected = q.num_virtual_tokens + len(q.prompt_token_ids) + len(q.output_token_ids)
+                self._add(q, kind, slen, expected, list(table) == q.block_table[: len(table)])
+            return meta
 
-        def causal_mask(start, r):
-            m = orig_causal(start, r)
-            c = len(r.token_ids)
-            q, expected = owner[id(r.slots)]
-            ok = m.shape == (c, start + c) and [int(x) for x in m.sum(-1)] == list(range(start + 1, start + c + 1))
-            self._add(q, "prefill", int(m[-1].sum()), expected, ok)
-            return m
-
-        monkeypatch.setattr(runner, "forward", forward)
-        monkeypatch.setattr(runner, "_decode_index", decode_index)
-        monkeypatch.setattr(runner, "_causal_mask", causal_mask)
+        monkeypatch.setattr(runner, "_forward", forward)
+        monkeypatch.setattr(mr, "build_metadata", build)
 
     def _add(self, q, kind, attended, expected, ok) -> None:
         with self.lock:
@@ -314,8 +315,9 @@ def test_chunked_prefill_and_queueing_keep_results(tiny_loaded):
     ]
     # 16 tokens a step; KV pool of 8 blocks x 16 positions: at most two of these requests fit at once
     bpt = 2 * 2 * 2 * 16 * 4
-    engine = make_engine(tiny_loaded, max_num_batched_tokens=16, max_num_seqs=2, kv_cache_bytes=8 * 16 * bpt)
-    assert engine.allocator.num_blocks == 8
+    engine = make_engine(tiny_loaded, max_num_batched_tokens=16, max_num_seqs=2, kv_cache_bytes=8 * 16 * bpt,
+                         prompt_kv_cache_bytes=0)
+    assert engine.core.pool.num_blocks == 8
     max_running = 0
     orig_step = engine.step
 
@@ -331,12 +333,13 @@ def test_chunked_prefill_and_queueing_keep_results(tiny_loaded):
     assert max_running == 2
     for spec, req in zip(specs, reqs, strict=True):
         assert result(req) == ref_of(tiny_loaded, spec)
-    assert engine.allocator.num_used_blocks == 0
+    assert_kv_released(engine)
 
 
 def test_engine_check_rejects_what_can_never_run(tiny_loaded):
     p = make_prompt("r", rand_tensor(20, seed=70))
-    engine = make_engine(tiny_loaded, kv_cache_bytes=8 * 16 * 512)  # 8 blocks of 16 positions = 128
+    # 8 blocks of 16 positions = 128
+    engine = make_engine(tiny_loaded, kv_cache_bytes=8 * 16 * 512, prompt_kv_cache_bytes=0)
     with pytest.raises(RequestRejectedError) as e:
         engine.check(new_request(Spec([], None, 4)))
     assert e.value.code == "empty_input"
@@ -383,7 +386,7 @@ def test_abort_frees_the_row_and_its_blocks(tiny_loaded):
         outs = list(stream.iter_sync(timeout=30))
         assert outs[-1].finished and outs[-1].finish_reason == "abort"
         assert req.status == RequestStatus.FINISHED_ABORTED and len(req.output_token_ids) < 200
-        assert engine.allocator.num_used_blocks == 0
+        assert_kv_released(engine)
     finally:
         engine.stop()
 

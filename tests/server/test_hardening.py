@@ -72,29 +72,36 @@ def test_non_finite_logits_fail_only_their_row(tiny_loaded, monkeypatch):
     engine = make_engine(tiny_loaded)
     good, bad = Spec([5, 6, 7], max_new_tokens=4), Spec([9, 10], max_new_tokens=4)
     alone, _ = run_alone(engine, good)
-    real_forward = engine.runner.forward
-    poisoned: set[int] = set()
+    runner = engine.runner
+    real_forward, real_logits = runner._forward, runner.model.logits
+    poisoned: set[str] = set()
+    rows_now: list = []
 
     def forward(rows):
-        logits = real_forward(rows).clone()
-        for i, r in enumerate(rows):
-            if int(r.slots[0]) in poisoned:
-                logits[i] = float("nan")
-        return logits
+        rows_now[:] = [r for r in rows if r.completes_prompt]
+        return real_forward(rows)
 
-    monkeypatch.setattr(engine.runner, "forward", forward)
+    def logits(hidden):
+        out = real_logits(hidden).clone()
+        for i, r in enumerate(rows_now):
+            if r.request.request_id in poisoned:
+                out[i] = float("nan")
+        return out
+
+    monkeypatch.setattr(runner, "_forward", forward)
+    monkeypatch.setattr(runner.model, "logits", logits)
     reqs = [new_request(good), new_request(bad)]
     for q in reqs:
         q.eos_token_ids = engine.eos_token_ids
         engine.scheduler.add(q)
     engine.step()  # admits and prefills both
-    poisoned.add(int(reqs[1].slots[0]))
+    poisoned.add(reqs[1].request_id)
     while engine.scheduler.has_work():
         engine.step()
     assert reqs[0].status == RequestStatus.FINISHED_LENGTH and reqs[0].output_token_ids == alone
     assert reqs[1].status == RequestStatus.FINISHED_ERROR
     assert len(reqs[1].output_token_ids) == 1  # the prefill token came before the poisoned step
-    assert engine.allocator.num_used_blocks == 0
+    assert engine.core.pool.num_used == engine.core.prompt_cache.num_blocks == 0
 
 
 def test_decode_rows_are_not_starved_by_a_long_chunked_prefill(tiny_loaded):

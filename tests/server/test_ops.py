@@ -132,10 +132,10 @@ def test_engine_death_fails_fast(client):
     engine = client.app.state.sp.engine
     assert gen(client, None).status_code == 200
 
-    def broken(rows):
+    def broken(plan):
         raise RuntimeError("simulated device failure")
 
-    engine.runner.forward = broken
+    engine.runner.execute = broken
     result: dict = {}
 
     def call():
@@ -171,7 +171,7 @@ def test_gauges_drop_to_zero_after_an_abort(tiny_loaded):
         assert next(it).new_token_ids  # running and decoding
         engine.abort(req.request_id)
         assert [o.finish_reason for o in it][-1] == "abort"
-        assert len(engine.scheduler.running) == 0 and engine.allocator.num_used_blocks == 0
+        assert len(engine.scheduler.running) == 0 and engine.core.pool.num_used == 0
 
         def gauges():
             fams = {f.name: f for f in text_string_to_metric_families(engine.metrics.render().decode())}

@@ -72,7 +72,7 @@ def test_trained_adapter_is_served_by_the_engine(fresh_tiny, km_data, tmp_path):
     train(fresh_tiny, TrainConfig(task="km", data=km_data, out=out, steps=10, lr=0.1, progress=False),
           log=lambda *_: None)
     prompt, _ = PromptRegistry().put("km", load_path(out, Limits(64)), str(out))
-    engine = Engine(fresh_tiny, EngineConfig(kv_cache_bytes=16 * 1024**2, prefix_cache_bytes=4 * 1024**2))
+    engine = Engine(fresh_tiny, EngineConfig(kv_cache_bytes=16 * 1024**2, prompt_kv_cache_bytes=4 * 1024**2))
     engine.start()
     tok = fresh_tiny.tokenizer
     inputs = ["7 km", "64 km", "123 km"]

@@ -1,0 +1,32 @@
+"""Engine limits, in one place: :class:`EngineConfig`'s defaults are the defaults of the matching server
+settings (:class:`server.config.Settings` reads them from here) and of every engine built without a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits.
+
+    Attributes:
+        max_num_seqs: most sequences running at once.
+        max_num_batched_tokens: most token positions computed in one step (chunked prefill splits longer work).
+        kv_cache_bytes: KV pool for the running requests' own positions, bytes.
+        prompt_kv_cache_bytes: budget for soft prompts' shared virtual-token KV kept while no request uses it,
+            bytes; the pool is sized to hold this on top of ``kv_cache_bytes``. The default (1 GiB) holds 1,000+
+            SmolLM2-135M prompts of 20 virtual tokens: each keeps 19 positions x 46,080 bytes = 875 KiB. For
+            another model, one prompt costs ``(n - 1) * 2 * layers * kv_heads * head_dim * dtype_bytes``.
+        block_size: token positions per KV block.
+        max_virtual_tokens: largest soft prompt accepted, tokens.
+        max_waiting: most queued requests before new ones are refused.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_bytes: int = 1024**3
+    prompt_kv_cache_bytes: int = 1024**3
+    block_size: int = 16
+    max_virtual_tokens: int = 128
+    max_waiting: int = 1024
