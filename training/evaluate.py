@@ -132,7 +132,7 @@ class EngineBackend:
         from tqdm.auto import tqdm
 
         from server.engine import Engine, EngineConfig
-        from server.model_runner import ModelRunner
+        from server.kv_pool import kv_bytes_per_token, model_kv_shape
         from server.request import SamplingParams
         from server.request_builder import make_request
         from training.data import input_ids_for
@@ -143,10 +143,11 @@ class EngineBackend:
         longest = max((len(i) if i is not None else len(tok(j.text)["input_ids"])) for i, j in zip(ids, jobs,
                                                                                                     strict=True))
         per_seq = nv + longest + max_new_tokens + 16
-        kv = ModelRunner.bytes_per_token(self.loaded) * per_seq * self.max_num_seqs * 2
+        bpt = kv_bytes_per_token(*model_kv_shape(self.loaded.model.config), self.loaded.dtype)
+        kv = bpt * per_seq * self.max_num_seqs * 2
         engine = Engine(self.loaded, EngineConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max(2048, self.max_num_seqs),
-            kv_cache_bytes=max(kv, 16 * 1024**2), prefix_cache_bytes=16 * 1024**2,
+            kv_cache_bytes=max(kv, 16 * 1024**2), prompt_kv_cache_bytes=16 * 1024**2,
             max_virtual_tokens=max(128, nv), max_waiting=len(jobs) + 1,
         ))
         engine.start()
