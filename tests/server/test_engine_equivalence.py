@@ -336,6 +336,74 @@ def test_chunked_prefill_and_queueing_keep_results(tiny_loaded):
     assert_kv_released(engine)
 
 
+def test_preempted_requests_resume_with_the_tokens_they_would_have_produced(tiny_loaded):
+    """KV on demand: a pool too small for every running request's full length forces preemptions (the most
+    recently admitted request is freed and recomputed later); every row, greedy and seeded, still equals its
+    reference / the same request alone, and nothing leaks."""
+    prompts = [make_prompt(f"pre{n}", rand_tensor(n, scale=1.5, seed=200 + n)) for n in (6, 21)]
+    specs = [
+        Spec(ids_of(9, 201), prompts[0], 24),
+        Spec(ids_of(14, 202), None, 24),
+        Spec(ids_of(5, 203), prompts[1], 24),
+        Spec(ids_of(11, 204), prompts[0], 24),
+        Spec(ids_of(7, 205), prompts[1], 20, temperature=0.9, seed=77),
+    ]
+    bpt = 2 * 2 * 2 * 16 * 4
+    # 10 blocks of 16 positions: all five are admitted (each needs 1-2 blocks at first) but cannot all grow
+    engine = make_engine(tiny_loaded, kv_cache_bytes=10 * 16 * bpt, prompt_kv_cache_bytes=0, max_num_seqs=8)
+    reqs = run_sync(engine, specs)
+    assert engine.core.scheduler.num_preemptions > 0
+    assert sum(r.num_preemptions for r in reqs) == engine.core.scheduler.num_preemptions
+    for spec, req in zip(specs[:4], reqs[:4], strict=True):
+        assert result(req) == ref_of(tiny_loaded, spec)
+    assert result(reqs[4]) == run_alone(make_engine(tiny_loaded), specs[4])
+    assert_kv_released(engine)
+    fams = engine.metrics.render().decode()
+    assert f"softprompt_preemptions_total {float(engine.core.scheduler.num_preemptions)}" in fams
+
+
+def test_requests_of_one_prompt_share_its_kv_blocks(tiny_loaded):
+    """Eight running requests of one 37-token prompt read the same 2 full blocks (36 positions) for its virtual
+    tokens: the pool holds 2 prompt blocks + each request's own blocks, and the metrics show the blocks saved."""
+    p = make_prompt("shared", rand_tensor(37, seed=210))
+    specs = [Spec(ids_of(4 + i, 211 + i), p, 3) for i in range(8)]
+    engine = make_engine(tiny_loaded)
+    reqs = [new_request(s) for s in specs]
+    for q in reqs:
+        q.eos_token_ids = engine.eos_token_ids
+        engine.core.add(q)
+    plan = engine.step()
+    assert len(plan.prompts_to_compute) == 1 and len(plan.tail_copies) == 8
+    shared = reqs[0].block_table[:2]
+    assert all(q.block_table[:2] == shared for q in reqs)
+    assert [engine.core.pool.ref_count(b) for b in shared] == [9, 9]  # the cache + 8 requests
+    assert len({q.block_table[2] for q in reqs}) == 8  # each request's own block after the tail
+    assert engine.core.prompt_cache.blocks_saved == 2 * 7
+    assert engine.core.pool.num_used == 2 + 8  # without sharing: 8 x 3 blocks
+    while engine.core.has_work():
+        engine.step()
+    for spec, req in zip(specs, reqs, strict=True):
+        assert result(req) == ref_of(tiny_loaded, spec)
+    assert_kv_released(engine)
+
+
+def test_prompt_kv_cache_evicts_lru_under_its_budget_and_recomputes_equal(tiny_loaded):
+    """A budget of two prompts' KV: a third prompt evicts the least recently used one; serving the evicted
+    prompt again recomputes it and gives the same tokens."""
+    bpt = 2 * 2 * 2 * 16 * 4
+    prompts = [make_prompt(f"lru{i}", rand_tensor(17, seed=220 + i)) for i in range(3)]
+    engine = make_engine(tiny_loaded, prompt_kv_cache_bytes=2 * 16 * bpt)
+    cache = engine.core.prompt_cache
+    first = [run_alone(engine, Spec(ids_of(5, 230), p, 4)) for p in prompts]
+    assert len(cache) == 2 and prompts[0].sha256 not in cache._entries  # the oldest went
+    assert cache.nbytes == 2 * 16 * bpt
+    misses = cache.misses
+    again = run_alone(engine, Spec(ids_of(5, 230), prompts[0], 4))
+    assert cache.misses == misses + 1 and again == first[0]
+    assert first[0] == ref_of(tiny_loaded, Spec(ids_of(5, 230), prompts[0], 4))
+    assert_kv_released(engine)
+
+
 def test_engine_check_rejects_what_can_never_run(tiny_loaded):
     p = make_prompt("r", rand_tensor(20, seed=70))
     # 8 blocks of 16 positions = 128
