@@ -81,7 +81,7 @@ class BlockPool:
         """
         for b, n in Counter(blocks).items():
             if self._refs[b] < n:
-                raise ValueError(f"block {b} released while free")
+                raise ValueError(f"block {b} released {n} time(s) but holds {self._refs[b]} reference(s)")
         for b in reversed(blocks):
             self._refs[b] -= 1
             if self._refs[b] == 0:

@@ -138,7 +138,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ prompt KV
     def _compute_prompts(self, todo: list) -> None:
-        """Compute each new prompt's KV alone at positions ``0..p-1`` into its blocks (full blocks + compute block),
+        """Compute each new prompt's KV alone at positions ``0..p-1`` into its full blocks and (the tail) the
+        creating request's first own block,
         in packed passes of at most ``PROMPT_PASS_TOKENS`` positions, then keep each tail as a tensor."""
         group: list = []
         used = 0
@@ -154,17 +155,18 @@ class ModelRunner:
     def _prompt_pass(self, group: list) -> None:
         specs, embs = [], []
         for entry, req in group:
-            blocks = list(entry.full_blocks) + ([entry.compute_block] if entry.compute_block is not None else [])
+            own = req.block_table[len(entry.full_blocks)]  # the creating request's first own block gets the tail
+            blocks = list(entry.full_blocks) + ([own] if entry.tail_len else [])
             specs.append(RowSpec(blocks, 0, entry.num_tokens))
             embs.append(req.soft_prompt.embeddings[: entry.num_tokens].to(device=self.device, dtype=self.dtype))
         order = sorted(range(len(specs)), key=lambda i: specs[i].num_tokens > 1)  # one-token rows first
         meta = build_metadata([specs[i] for i in order], self.pool.block_size, self.device)
         self.model.forward(torch.cat([embs[i] for i in order]), meta, self.pool.k, self.pool.v)
-        for entry, _ in group:
+        for entry, req in group:
             if entry.tail_len:
-                cb = entry.compute_block
-                self._tails[entry.key] = (self.pool.k[:, cb, : entry.tail_len].clone(),
-                                          self.pool.v[:, cb, : entry.tail_len].clone())
+                own = req.block_table[len(entry.full_blocks)]
+                self._tails[entry.key] = (self.pool.k[:, own, : entry.tail_len].clone(),
+                                          self.pool.v[:, own, : entry.tail_len].clone())
 
     def _copy_tail(self, key: str, block: int) -> None:
         """Copy a cached prompt's tail ``[L, r, KVH, D]`` into positions ``0..r-1`` of ``block``."""

@@ -160,6 +160,10 @@ class OutputProcessor:
     def observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
         """Per-step statistics: rows, distinct tasks, tokens, time by step kind, admissions' queue wait."""
         m = self.metrics
+        if plan.preempted:
+            m.preemptions.inc(len(plan.preempted))
+        if plan.is_empty:
+            return
         m.batch_size.observe(len(plan.rows))
         m.batch_tasks.observe(len({r.request.task for r in plan.rows}))
         m.step_tokens.observe(plan.num_batched_tokens)
@@ -171,5 +175,3 @@ class OutputProcessor:
                 m.prompt_tokens.inc(len(req.prompt_token_ids))
                 if req.admit_time is not None:
                     m.queue_wait.observe(req.admit_time - req.arrival_time)
-        if plan.preempted:
-            m.preemptions.inc(len(plan.preempted))

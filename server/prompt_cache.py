@@ -9,7 +9,8 @@ Layout of one entry (:class:`PromptKV`), ``bs`` = block size:
 - ``p // bs`` *full blocks* in the paged KV pool, read-only and shared: every running request of that prompt
   version puts them first in its block table (one reference each, :class:`~server.block_pool.BlockPool`);
 - a *tail* of ``p % bs`` positions, which cannot be shared because the request writes its own positions after
-  it in the same block: the runner keeps it as a small tensor and copies it into each request's first own block.
+  it in the same block: it is computed into the first own block of the request that created the entry, then the
+  runner keeps it as a small tensor and copies it into the first own block of every later request.
 
 Keys are content hashes (``SoftPrompt.sha256``), so a replaced prompt never serves its old KV to new requests,
 while requests admitted earlier keep theirs. The cache holds entries no running request uses under a byte budget
@@ -35,7 +36,6 @@ class PromptKV:
         num_tokens: cached positions ``p`` (all virtual tokens but the last).
         full_blocks: ``p // block_size`` shared pool blocks holding positions ``0..len*bs-1``.
         tail_len: ``p % block_size`` positions kept outside the pool.
-        compute_block: while the KV is being computed, the pool block receiving the tail (released after).
         computed: whether the runner has filled the blocks and the tail.
         users: running requests holding this entry.
         nbytes: KV bytes of the ``p`` positions.
@@ -45,7 +45,6 @@ class PromptKV:
     num_tokens: int
     full_blocks: tuple[int, ...]
     tail_len: int
-    compute_block: int | None
     computed: bool = False
     users: int = 0
     nbytes: int = 0
@@ -75,8 +74,8 @@ class PromptKVCache:
 
     @property
     def num_blocks(self) -> int:
-        """Pool blocks the entries hold (full blocks plus blocks of tails being computed)."""
-        return sum(len(e.full_blocks) + (e.compute_block is not None) for e in self._entries.values())
+        """Pool blocks the entries hold (their full blocks)."""
+        return sum(len(e.full_blocks) for e in self._entries.values())
 
     @property
     def blocks_saved(self) -> int:
@@ -90,7 +89,8 @@ class PromptKVCache:
         request's reference to them.
 
         Returns:
-            ``(entry, created)``; when created, the runner must compute it before the request runs.
+            ``(entry, created)``; when created, the runner must compute it before the request runs, writing the
+            tail into the request's first own block.
         Raises:
             BlockPoolExhausted: a new entry's blocks do not fit even after evicting every unused entry (nothing
                 changes).
@@ -101,15 +101,10 @@ class PromptKVCache:
             self._entries.move_to_end(key)
             self.hits += 1
         else:
-            bs = self.pool.block_size
-            full, tail = divmod(num_tokens, bs)
-            need = full + (tail > 0)
-            self.make_room(need)
-            blocks = self.pool.allocate(need)  # raises BlockPoolExhausted
-            entry = PromptKV(
-                key, num_tokens, tuple(blocks[:full]), tail, blocks[full] if tail else None,
-                nbytes=num_tokens * self.bytes_per_token,
-            )
+            full, tail = divmod(num_tokens, self.pool.block_size)
+            self.make_room(full)
+            blocks = self.pool.allocate(full)  # raises BlockPoolExhausted
+            entry = PromptKV(key, num_tokens, tuple(blocks), tail, nbytes=num_tokens * self.bytes_per_token)
             self._entries[key] = entry
             self.nbytes += entry.nbytes
             self.misses += 1
@@ -123,14 +118,13 @@ class PromptKVCache:
         entry.users -= 1
         if entry.users == 0 and not entry.computed:
             self._drop(entry)
+        elif entry.key in self._entries:
+            self._entries.move_to_end(entry.key)  # recency counts from the last use, not the first
         self.trim()
 
     def mark_computed(self, entry: PromptKV) -> None:
-        """The runner filled the entry: its tail now lives outside the pool, so the compute block is released."""
+        """The runner filled the entry's blocks and kept its tail."""
         entry.computed = True
-        if entry.compute_block is not None:
-            self.pool.release([entry.compute_block])
-            entry.compute_block = None
         self.trim()
 
     def make_room(self, num_blocks: int) -> bool:
@@ -139,7 +133,7 @@ class PromptKVCache:
         if self.pool.num_free >= num_blocks:
             return True
         unused = [e for e in self._entries.values() if e.users == 0]
-        if self.pool.num_free + sum(len(e.full_blocks) + (e.compute_block is not None) for e in unused) < num_blocks:
+        if self.pool.num_free + sum(len(e.full_blocks) for e in unused) < num_blocks:
             return False
         for entry in unused:
             self._drop(entry)
@@ -165,9 +159,6 @@ class PromptKVCache:
         del self._entries[entry.key]
         self.nbytes -= entry.nbytes
         self.pool.release(entry.full_blocks)
-        if entry.compute_block is not None:
-            self.pool.release([entry.compute_block])
-            entry.compute_block = None
         self._evicted.append(entry.key)
 
 

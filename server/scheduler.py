@@ -49,8 +49,9 @@ class SchedulerOutput:
         rows: every row to run, one-token rows first (the attention metadata's order).
         admitted: requests admitted (or re-admitted after preemption) this step.
         prompts_to_compute: ``(entry, request)``: prompt KV the runner computes before the rows, from
-            ``request.soft_prompt``.
-        tail_copies: ``(request, entry)``: copy the entry's tail into the request's first own block.
+            ``request.soft_prompt``, into the entry's full blocks and (the tail) the request's first own block.
+        tail_copies: ``(request, entry)``: copy the entry's tail into the request's first own block (every
+            request of an entry but the one that created it).
         evicted_prompts: prompt-KV keys evicted since the last step (the runner drops their tails).
         finished_ids: requests finished since the last step (the runner drops their state).
         preempted: requests preempted this step.
@@ -74,7 +75,7 @@ class SchedulerOutput:
     def kind(self) -> str:
         """"prefill" (no one-token row), "decode" (only one-token rows) or "mixed"."""
         ones = sum(1 for r in self.rows if r.num_tokens == 1)
-        return "decode" if ones == len(self.rows) else "prefill" if ones == 0 else "mixed"
+        return "prefill" if ones == 0 else "decode" if ones == len(self.rows) else "mixed"
 
 
 class Scheduler:
@@ -199,8 +200,8 @@ class Scheduler:
             self.running.append(req)
             plan.admitted.append(req)
             if created:
-                plan.prompts_to_compute.append((entry, req))
-            if entry is not None and entry.tail_len:
+                plan.prompts_to_compute.append((entry, req))  # its tail is computed into req's first own block
+            elif entry is not None and entry.tail_len:
                 plan.tail_copies.append((req, entry))
             scheduled[id(req)] = ScheduledRow(req, start, n)
             budget -= n

@@ -39,17 +39,17 @@ def cached(pool: BlockPool, cache: PromptKVCache, key: str, num_tokens: int) -> 
     return entry
 
 
-def test_acquire_creates_full_blocks_and_a_compute_block_for_the_tail():
+def test_acquire_creates_full_blocks_and_leaves_the_tail_to_the_request():
     pool, cache = make(num_blocks=8)
     entry, created = cache.acquire("a", 10)  # 10 positions, blocks of 4: 2 full blocks + a tail of 2
     assert created
     assert entry.key == "a" and entry.num_tokens == 10
-    assert entry.full_blocks == (0, 1) and entry.tail_len == 2 and entry.compute_block == 2
+    assert entry.full_blocks == (0, 1) and entry.tail_len == 2
     assert not entry.computed and entry.users == 1 and entry.nbytes == 10 * BPT
-    # the cache's own reference plus the request's on the full blocks; the compute block is the cache's alone
-    assert refs(pool) == [2, 2, 1, 0, 0, 0, 0, 0]
-    assert pool.num_free == 5
-    assert len(cache) == 1 and cache.num_blocks == 3 and cache.nbytes == 100
+    # the cache's own reference plus the request's on the full blocks; the tail goes to the request's own block
+    assert refs(pool) == [2, 2, 0, 0, 0, 0, 0, 0]
+    assert pool.num_free == 6
+    assert len(cache) == 1 and cache.num_blocks == 2 and cache.nbytes == 100
     assert (cache.hits, cache.misses) == (0, 1)
     assert cache.blocks_saved == 0
 
@@ -60,8 +60,8 @@ def test_second_acquire_hits_and_shares_the_full_blocks():
     second, created = cache.acquire("a", 10)
     assert not created and second is first
     assert first.users == 2
-    assert refs(pool) == [3, 3, 1, 0, 0, 0, 0, 0]
-    assert pool.num_free == 5  # a hit takes no block
+    assert refs(pool) == [3, 3, 0, 0, 0, 0, 0, 0]
+    assert pool.num_free == 6  # a hit takes no block
     assert (cache.hits, cache.misses) == (1, 1)
     assert cache.blocks_saved == 2  # the second user reads 2 blocks it would otherwise need
     third, _ = cache.acquire("a", 10)
@@ -70,16 +70,16 @@ def test_second_acquire_hits_and_shares_the_full_blocks():
     assert cache.nbytes == 100 and len(cache) == 1  # bytes counted once per entry
 
 
-def test_mark_computed_releases_the_compute_block():
+def test_mark_computed_keeps_the_full_blocks():
     pool, cache = make(num_blocks=8)
     entry, _ = cache.acquire("a", 10)
     cache.mark_computed(entry)
-    assert entry.computed and entry.compute_block is None
+    assert entry.computed
     assert refs(pool) == [2, 2, 0, 0, 0, 0, 0, 0] and pool.num_free == 6
     assert cache.num_blocks == 2
-    # a later user gets the same full blocks and no compute block (the runner copies the tail it kept)
+    # a later user gets the same full blocks (the runner copies the tail it kept into its own block)
     again, created = cache.acquire("a", 10)
-    assert not created and again.full_blocks == (0, 1) and again.compute_block is None
+    assert not created and again.full_blocks == (0, 1)
     assert refs(pool)[:3] == [3, 3, 0]
 
 
@@ -167,10 +167,10 @@ def test_acquire_of_a_new_prompt_evicts_unused_entries_to_fit():
     cached(pool, cache, "a", 8)  # blocks 0, 1
     cached(pool, cache, "b", 4)  # block 2
     assert pool.num_free == 1
-    entry, created = cache.acquire("c", 6)  # 1 full block + compute block: one eviction is enough
+    entry, created = cache.acquire("c", 9)  # 2 full blocks (+ a tail): one eviction is enough
     assert created and cache.drain_evicted() == ["a"]
-    assert entry.full_blocks == (0,) and entry.compute_block == 1  # a's blocks, reused
-    assert len(cache) == 2 and cache.nbytes == (4 + 6) * BPT
+    assert entry.full_blocks == (0, 1)  # a's blocks, reused
+    assert len(cache) == 2 and cache.nbytes == (4 + 9) * BPT
 
 
 def test_acquire_that_cannot_fit_raises_and_changes_nothing():
@@ -179,7 +179,7 @@ def test_acquire_that_cannot_fit_raises_and_changes_nothing():
     user, _ = cache.acquire("b", 4)  # block 1, in use
     pool.allocate(1)  # block 2, a request's own
     with pytest.raises(BlockPoolExhausted):
-        cache.acquire("c", 10)  # 3 blocks; evicting "a" would free only 2
+        cache.acquire("c", 13)  # 3 full blocks; evicting "a" would free only 2
     assert len(cache) == 2 and cache.drain_evicted() == [] and pool.num_free == 1
     assert (cache.hits, cache.misses) == (0, 2) and cache.nbytes == 80
     assert user.users == 1
@@ -192,9 +192,8 @@ def test_an_uncomputed_entry_whose_last_user_releases_is_dropped():
     drop_user(pool, cache, second)
     assert len(cache) == 1  # still one user
     drop_user(pool, cache, entry)
-    # never computed: nothing to keep, even far under budget; every block (the compute block too) is free
+    # never computed: nothing to keep, even far under budget; every block is free
     assert len(cache) == 0 and cache.nbytes == 0 and pool.num_free == 8
-    assert entry.compute_block is None
     assert cache.drain_evicted() == ["a"]
     again, created = cache.acquire("a", 10)
     assert created and again is not entry
@@ -218,17 +217,17 @@ def test_exact_multiple_of_the_block_size_has_no_tail():
     pool, cache = make(num_blocks=4, block_size=4)
     entry, created = cache.acquire("a", 8)
     assert created and entry.full_blocks == (0, 1)
-    assert entry.tail_len == 0 and entry.compute_block is None
+    assert entry.tail_len == 0
     assert cache.num_blocks == 2 and pool.num_free == 2
     cache.mark_computed(entry)
-    assert pool.num_free == 2 and refs(pool) == [2, 2, 0, 0]  # no compute block to release
+    assert pool.num_free == 2 and refs(pool) == [2, 2, 0, 0]
 
 
 def test_prompt_shorter_than_a_block_is_all_tail():
     pool, cache = make(num_blocks=4, block_size=4)
     entry, _ = cache.acquire("a", 3)
-    assert entry.full_blocks == () and entry.tail_len == 3 and entry.compute_block == 0
-    assert refs(pool) == [1, 0, 0, 0]
+    assert entry.full_blocks == () and entry.tail_len == 3
+    assert refs(pool) == [0, 0, 0, 0]  # the tail is computed into the creating request's own block
     cache.mark_computed(entry)
     assert pool.num_free == 4 and cache.num_blocks == 0
     assert cache.nbytes == 3 * BPT  # the tail still counts: it is kept outside the pool

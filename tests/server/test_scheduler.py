@@ -230,9 +230,10 @@ def test_virtual_tokens_start_after_the_shared_prefix():
     assert rows_of(plan) == [("v", 5, 5)]
     entry = r.prompt_kv
     assert entry.key == p.sha256 and entry.num_tokens == 5
-    assert entry.full_blocks == (0,) and entry.tail_len == 1 and entry.compute_block == 1
-    assert r.num_computed_tokens == 5 and r.block_table == [0, 2, 3]  # ceil(10/4) blocks, the first shared
-    assert plan.prompts_to_compute == [(entry, r)] and plan.tail_copies == [(r, entry)]
+    assert entry.full_blocks == (0,) and entry.tail_len == 1
+    assert r.num_computed_tokens == 5 and r.block_table == [0, 1, 2]  # ceil(10/4) blocks, the first shared
+    # the creating request's first own block receives the tail as the prompt is computed: no copy
+    assert plan.prompts_to_compute == [(entry, r)] and plan.tail_copies == []
     assert plan.rows[0].completes_prompt
 
 
@@ -245,22 +246,22 @@ def test_requests_of_one_prompt_share_its_full_blocks():
     plan = s.schedule()
     entry = a.prompt_kv
     assert b.prompt_kv is entry and entry.users == 2
-    assert entry.full_blocks == (0, 1) and entry.compute_block == 2
-    assert a.block_table == [0, 1, 3, 4] and b.block_table == [0, 1, 5, 6]  # same shared blocks first
-    assert refs(s, range(7)) == [3, 3, 1, 1, 1, 1, 1]  # cache + a + b on the shared blocks
+    assert entry.full_blocks == (0, 1)
+    assert a.block_table == [0, 1, 2, 3] and b.block_table == [0, 1, 4, 5]  # same shared blocks first
+    assert refs(s, range(7)) == [3, 3, 1, 1, 1, 1, 0]  # cache + a + b on the shared blocks
     assert rows_of(plan) == [("a", 10, 4), ("b", 10, 3)]
-    # the prompt is computed once; each request gets the tail copied into its first own block
+    # the prompt is computed once (its tail into a's first own block); b gets the tail copied into its own
     assert plan.prompts_to_compute == [(entry, a)]
-    assert plan.tail_copies == [(a, entry), (b, entry)]
+    assert plan.tail_copies == [(b, entry)]
     assert s.prompt_cache.blocks_saved == 2
     s.update_from_output(plan, sample_for(plan))
-    assert entry.computed and entry.compute_block is None and s.pool.ref_count(2) == 0
+    assert entry.computed and s.pool.ref_count(6) == 0
     # a third request later hits the computed entry: nothing to compute, only its tail copy
     c = req("c", nt=1, mn=1, sp=p)
     s.add(c)
     plan = s.schedule()
     assert plan.admitted == [c] and plan.prompts_to_compute == [] and plan.tail_copies == [(c, entry)]
-    assert c.block_table == [0, 1, 2] and entry.users == 3 and refs(s, (0, 1)) == [4, 4]
+    assert c.block_table == [0, 1, 6] and entry.users == 3 and refs(s, (0, 1)) == [4, 4]
     assert rows_of(plan) == [("a", 14, 1), ("b", 13, 1), ("c", 10, 2)]
     assert s.update_from_output(plan, sample_for(plan)) == [a, c]  # a's second token, c's first: both done
     assert c.block_table == [] and entry.users == 1 and refs(s, (0, 1)) == [2, 2]  # their references are gone
@@ -569,17 +570,15 @@ def test_request_joining_while_others_decode_runs_at_the_next_step():
     assert b.output_token_ids == [100] and len(a.output_token_ids) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fits_ever ignores the compute block a new prompt's tail takes, so a "
-                                       "request passing it can hold the head of the queue forever")
 def test_a_request_that_fits_ever_runs_alone():
+    """Regression: a new prompt's tail once took a block of its own, so a request passing fits_ever could hold
+    the head of the queue forever. The tail is now computed into the request's own first block."""
     s = sched(num_blocks=2)
-    p = prompt(7)  # 6 shared positions: 1 full block + a tail of 2 (computed in a block of its own)
+    p = prompt(7)  # 6 shared positions: 1 full block + a tail of 2 (computed into r's own block)
     r, c = req("r", nt=0, mn=1, sp=p), req("c", nt=1, mn=1)
-    if not s.fits_ever(r.max_positions):  # 8 positions: refusing it up front is fine too
-        return
+    assert s.fits_ever(r.max_positions)  # 8 positions: exactly the pool
     s.add(r)
     s.add(c)
-    # today every step creates r's entry, finds no block for r's own positions (3 blocks in all), drops it again
     for _ in range(4):
         step(s)
     assert r.status.is_finished and c.status.is_finished
