@@ -60,10 +60,11 @@ def _generate(loaded, x: torch.Tensor, mask: torch.Tensor, max_new: int) -> tupl
 
 
 def hf_sequential(loaded, bank: PromptBank, workload: Workload, n: int, scenario: str) -> LegResult:
-    """Requests ``0..n-1`` of ``workload`` one at a time (after one untimed warm-up)."""
+    """Requests ``0..n-1`` of ``workload`` one at a time (after request 0 once, untimed, as a warm-up)."""
     tok, eos = loaded.tokenizer, set(loaded.eos_token_ids)
     x0 = request_embeds(loaded, bank, workload, 0)[None]
-    _generate(loaded, x0, torch.ones(x0.shape[:2], dtype=torch.long), 2)  # warm-up, untimed
+    # warm-up, untimed: a whole request (a short one leaves the first timed request several times slower)
+    _generate(loaded, x0, torch.ones(x0.shape[:2], dtype=torch.long), workload.max_new_tokens)
     load1 = announce(scenario, "hf-sequential", f"{n} of {workload.num_requests} requests, one at a time")
     cpu0, t0 = time.process_time(), time.perf_counter()
     records = []
@@ -92,11 +93,11 @@ def padded_batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hf_padded_batch(loaded, bank: PromptBank, workload: Workload, scenario: str) -> LegResult:
-    """All requests of ``workload`` as one left-padded mixed-task batch (after a 1-row untimed warm-up)."""
+    """All requests of ``workload`` as one left-padded mixed-task batch (after an untimed 1-row warm-up)."""
     tok, eos = loaded.tokenizer, set(loaded.eos_token_ids)
     rows = [request_embeds(loaded, bank, workload, j) for j in range(workload.num_requests)]
     x, mask = padded_batch(rows)
-    _generate(loaded, x[:1], mask[:1], 2)  # warm-up, untimed
+    _generate(loaded, x[:1], mask[:1], workload.max_new_tokens)  # warm-up, untimed: one row
     load1 = announce(scenario, "hf-padded-batch", f"{x.shape[0]} rows x {x.shape[1]} positions in one batch")
     t0 = time.perf_counter()
     out, clock = _generate(loaded, x, mask, workload.max_new_tokens)

@@ -3,7 +3,8 @@
 Metrics this module reads (each one optional; a missing one becomes ``None`` and the report says ``n/a``):
 
 - ``softprompt_batch_size`` histogram (``_sum`` / ``_count``): rows per engine step;
-- ``softprompt_step_seconds_total{kind}`` and ``softprompt_step_tokens_total{kind}`` counters, kind in
+- ``softprompt_step_seconds_total{kind}`` and ``softprompt_step_tokens_total{kind}`` (or, the same counter
+  under the name the engine exports it, ``softprompt_step_positions_total{kind}``) counters, kind in
   ``prefill`` (every row of the step still in prefill), ``decode`` and ``mixed``;
 - ``process_resident_memory_bytes`` (prometheus-client's process collector). When the server does not export
   it and runs on this machine, the resident set size is read from ``/proc/PID/status`` instead, the PID being
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 
 BATCH = "softprompt_batch_size"
 STEP_SECONDS = "softprompt_step_seconds_total"
-STEP_TOKENS = "softprompt_step_tokens_total"
+STEP_TOKENS = ("softprompt_step_tokens_total", "softprompt_step_positions_total")  # first one present wins
 RSS = "process_resident_memory_bytes"
 STEP_KINDS = ("prefill", "decode", "mixed")
 
@@ -39,13 +40,18 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def first_value(samples: dict, names: tuple[str, ...], **labels: str) -> float | None:
+    """The value of the first of ``names`` present with ``labels``, or ``None``."""
+    return next((v for n in names if (v := value(samples, n, **labels)) is not None), None)
+
+
 def snapshot(samples: dict) -> dict:
     """The figures the bench diffs across a leg."""
     return {
         "batch_sum": value(samples, BATCH + "_sum"),
         "batch_count": value(samples, BATCH + "_count"),
         "step_seconds": {k: value(samples, STEP_SECONDS, kind=k) for k in STEP_KINDS},
-        "step_tokens": {k: value(samples, STEP_TOKENS, kind=k) for k in STEP_KINDS},
+        "step_tokens": {k: first_value(samples, STEP_TOKENS, kind=k) for k in STEP_KINDS},
         "rss_bytes": value(samples, RSS),
     }
 

@@ -34,9 +34,11 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}x"
 
 
-def _rows_for(label: str, legs: dict) -> list[list[str]]:
-    vllm = legs.get("vllm", {}).get("tokens_per_s")
-    seq = legs.get("hf-sequential", {}).get("tokens_per_s")
+def _rows_for(label: str, legs: dict, ratios: bool = True) -> list[list[str]]:
+    """One row per system; ``ratios=False`` (open-loop legs, whose tokens/s follows the offered rate) leaves the
+    ratio columns empty."""
+    vllm = legs.get("vllm", {}).get("tokens_per_s") if ratios else None
+    seq = legs.get("hf-sequential", {}).get("tokens_per_s") if ratios else None
     rows = []
     for system in sorted(legs, key=lambda s: SYSTEM_ORDER.index(s) if s in SYSTEM_ORDER else 99):
         s = legs[system]
@@ -72,7 +74,7 @@ def table_rows(res: dict) -> list[list[str]]:
             if "capacity_probe" in sc:
                 rows += _rows_for("offered-load capacity", {"server": sc["capacity_probe"]})
             for r in sc["rates"]:
-                rows += _rows_for(f"offered-load {r['rate_rps']:.3g} req/s", r["legs"])
+                rows += _rows_for(f"offered-load {r['rate_rps']:.3g} req/s", r["legs"], ratios=False)
     return rows
 
 
@@ -112,9 +114,11 @@ def prefill_lines(res: dict) -> list[str]:
         if not p:
             continue
         hf = p.get("hf_batch_prefill_gflops_per_s")
+        load = p.get("peak_load_avg_1min")
         out.append(f"prefill, {name}: server {_num(p.get('achieved_gflops_per_s'), '{:.1f}')} GFLOP/s "
-                   f"({_num(p.get('fraction_of_peak'), '{:.0%}')} of the torch.mm peak "
-                   f"{_num(p.get('peak_gflops_per_s'), '{:.1f}')} GFLOP/s)"
+                   f"({_num(p.get('fraction_of_peak'), '{:.0%}')} of the fp32 torch.mm peak "
+                   f"{_num(p.get('peak_gflops_per_s'), '{:.1f}')} GFLOP/s"
+                   + (f", measured at load average {load:.2f}" if load is not None else "") + ")"
                    + (f"; HF padded batch first step {hf:.1f} GFLOP/s" if hf is not None else "")
                    + ("" if p.get("prefill_seconds") else
                       "  [n/a: the server exports no softprompt_step_seconds_total{kind=\"prefill\"}]"))
@@ -142,9 +146,12 @@ def notes(res: dict) -> list[str]:
 
 def render(res: dict) -> str:
     parts = [res.get("command", ""), "", format_table(HEADERS, table_rows(res))]
-    parts.append("tokens/s: completion tokens (EOS included) / wall s; TTFT and latency in s, client-side; texts "
-                 "eq: greedy texts equal to the server's; load1: load average at the leg's start "
-                 f"(of {res.get('cpu_count', '?')} CPUs)")
+    parts.append("tokens/s: completion tokens (EOS included) / wall s; TTFT and latency in s, client-side "
+                 "(hf-sequential: per request, from its own start; hf-padded-batch: every row shares the first "
+                 "step); texts eq: greedy texts equal to the server's; load1: load average at the leg's start "
+                 f"(of {res.get('cpu_count', '?')} CPUs)"
+                 + ("; offered-load: open loop, tokens/s follows the offered rate, no ratios"
+                    if "offered-load" in res.get("scenarios", {}) else ""))
     if "many-tasks" in res.get("scenarios", {}):
         parts += [""] + many_tasks_lines(res["scenarios"]["many-tasks"])
     if pl := prefill_lines(res):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from .driver import load_average
 from .flops import ModelShape, matmul_peak, row_prefill_flops, server_prefill_flops
 from .hf_legs import hf_padded_batch, hf_sequential
 from .server_leg import ServerTarget
@@ -82,12 +83,14 @@ def _vllm_leg(ctx: Context, wl: Workload, scenario: str, server: LegResult) -> d
 def _prefill(ctx: Context, server: dict, wl: Workload, hf_batch: LegResult | None) -> dict:
     """Achieved prefill GFLOP/s of the server (and of the HF padded batch's first step) vs the torch.mm peak."""
     if ctx.peak is None:
-        ctx.peak = matmul_peak()
+        load1 = load_average()
+        ctx.peak = {**matmul_peak(), "load_avg_1min_at_start": load1}
     eng = server.get("engine", {})
     tokens = (eng.get("step_tokens") or {}).get("prefill")
     seconds = (eng.get("step_seconds") or {}).get("prefill")
     out: dict = {"prefill_tokens": tokens, "prefill_seconds": seconds, "achieved_gflops_per_s": None,
-                 "peak_gflops_per_s": ctx.peak["peak_gflops_per_s"], "fraction_of_peak": None}
+                 "peak_gflops_per_s": ctx.peak["peak_gflops_per_s"], "fraction_of_peak": None,
+                 "peak_load_avg_1min": ctx.peak["load_avg_1min_at_start"]}
     if tokens and seconds:
         flops = server_prefill_flops(ctx.shape, tokens, wl.virtual_tokens, wl.text_tokens)
         out.update(flops=flops, achieved_gflops_per_s=flops / seconds / 1e9)
@@ -222,7 +225,8 @@ def run_offered_load(ctx: Context) -> dict:
         if ctx.vllm is not None:
             legs["vllm"] = _vllm_leg(ctx, wl, f"offered-load {rate:.3g} req/s", server)
         out["rates"].append({"rate_rps": rate, "fraction": a.rate_fractions[i] if not a.rates else None,
-                             "workload": wl.describe(), "legs": legs})
+                             "realized_rate_rps": len(arrivals) / arrivals[-1], "workload": wl.describe(),
+                             "legs": legs})
     return out
 
 

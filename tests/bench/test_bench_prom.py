@@ -40,6 +40,11 @@ def test_snapshot_and_delta():
     assert d["step_seconds"] == {"prefill": 5.5, "decode": 0.0, "mixed": None}
 
 
+def test_step_positions_is_read_as_step_tokens():
+    text = EXPO.replace("softprompt_step_tokens", "softprompt_step_positions")
+    assert prom.snapshot(prom.parse(text))["step_tokens"]["prefill"] == 1344.0
+
+
 def test_missing_metrics_are_none():
     s = prom.snapshot(prom.parse("# nothing\n"))
     assert s["batch_count"] is None and s["rss_bytes"] is None and s["step_tokens"]["prefill"] is None

@@ -28,7 +28,8 @@ RES = {
                 "hf-sequential": _leg("hf-sequential", 10.0, requests=4, ttft_p50_s=math.nan,
                                       texts_equal_to_server=[4, 4], early_stops=1),
             },
-            "prefill": {"achieved_gflops_per_s": None, "peak_gflops_per_s": 150.0, "prefill_seconds": None},
+            "prefill": {"achieved_gflops_per_s": None, "peak_gflops_per_s": 150.0, "prefill_seconds": None,
+                        "peak_load_avg_1min": 0.25},
         },
         "many-tasks": {"levels": [
             {"tasks": 1, "distribution": "uniform", "server": _leg("server", 100.0), "ratio_to_reference": 1.0,
@@ -54,6 +55,7 @@ def test_table_rows_ratios_and_missing_values():
     assert seq[2] == "4" and seq[4] == "n/a" and seq[10] == "-"
     assert rows[("many-tasks zipf 1000", "server")][9] == "-"
     assert rows[("offered-load 0.75 req/s", "vllm")][3] == "failed"
+    assert rows[("offered-load 0.75 req/s", "server")][9:11] == ["-", "-"]  # open loop: no ratios
     assert [r[1] for r in table_rows(RES)][:4] == ["server", "vllm", "hf-padded-batch", "hf-sequential"]
 
 
@@ -70,7 +72,8 @@ def test_render_has_table_many_tasks_prefill_and_notes():
     text = render(RES)
     assert "scenario" in text and "TTFT p50" in text and "vs HF seq" in text
     assert "RSS/tensor" in text and "0.04x" in text and "2.0" in text
-    assert "prefill, standard: server n/a GFLOP/s" in text and "150.0" in text
+    assert "prefill, standard: server n/a GFLOP/s" in text
+    assert "peak 150.0 GFLOP/s, measured at load average 0.25" in text
     assert 'softprompt_step_seconds_total{kind="prefill"}' in text
     assert "standard / hf-sequential: early stops (EOS) 1" in text
     assert "ConnectError" in text
