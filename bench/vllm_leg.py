@@ -54,20 +54,28 @@ class VllmTarget:
     def __init__(self, url: str, model: str | None, *, timeout: float,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
-        self.model = model or discover_model(self.url)
+        try:
+            self.model = model or discover_model(self.url)
+        except httpx.HTTPError as exc:
+            raise ValueError(f"vLLM at {self.url} is not reachable ({exc!r}); start it with "
+                             "--enable-prompt-embeds (see /v1/models)") from exc
         self.timeout = timeout
         self.transport = transport  # tests inject an httpx.MockTransport
 
     async def run(self, loaded, bank: PromptBank, workload: Workload, scenario: str) -> LegResult:
-        """Encode every request's embeddings up front (not timed), warm up with one request, send the load."""
+        """Encode every request's embeddings up front (not timed), warm up with one untimed request, send the
+        load."""
         blobs = [encode_prompt_embeds(request_embeds(loaded, bank, workload, j))
                  for j in range(workload.num_requests)]
+        # the warm-up sends request 0's text without a soft prompt: it shares no prefix with a timed request
+        warm_blob = encode_prompt_embeds(request_embeds(loaded, bank, workload, 0)[bank.num_virtual:])
         tok = loaded.tokenizer
         conns = min(workload.concurrency, workload.num_requests) + 4
         async with client(self.url, conns, self.timeout, self.transport) as cli:
 
             async def send(j: int) -> RequestRecord:
-                body = {"model": self.model, "prompt_embeds": blobs[j], "max_tokens": workload.max_new_tokens,
+                blob = warm_blob if j < 0 else blobs[j]
+                body = {"model": self.model, "prompt_embeds": blob, "max_tokens": workload.max_new_tokens,
                         "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
                 t0 = time.perf_counter()
                 first_any = first_text = None
@@ -99,7 +107,7 @@ class VllmTarget:
                           else len(tok(text, add_special_tokens=False)["input_ids"]))
                 return RequestRecord(200, lat, first_text if first_text is not None else first_any, tokens, text)
 
-            warm = await send(0)
+            warm = await send(-1)
             if not warm.ok:
                 raise httpx.HTTPError(f"vLLM warm-up request failed: {warm.error}")
             load1 = announce(scenario, "vllm", f"{workload.num_requests} requests with prompt_embeds, "

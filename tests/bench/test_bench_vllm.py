@@ -8,6 +8,7 @@ import io
 import json
 
 import httpx
+import pytest
 import torch
 
 from bench.hf_legs import request_embeds
@@ -60,6 +61,13 @@ def test_vllm_leg_sends_prompt_embeds_and_reads_stream(tiny_loaded):
     assert len(seen) == 3  # warm-up + 2
     lens = [3 + len(tiny_loaded.tokenizer(t)["input_ids"]) for t in texts]
     assert [r.text for r in leg.records] == [f"len{n}!" for n in lens]
+    assert seen[0].shape[0] == lens[0] - 3
     assert all(r.ok and r.tokens == 3 and r.ttft_s <= r.latency_s for r in leg.records)
+    assert torch.equal(seen[0], request_embeds(tiny_loaded, bank, wl, 0)[3:])  # warm-up: no soft prompt
     assert torch.equal(seen[2], request_embeds(tiny_loaded, bank, wl, 1))
     assert leg.extra == {"model": "m"}
+
+
+def test_unreachable_vllm_is_a_clear_refusal():
+    with pytest.raises(ValueError, match="not reachable"):
+        VllmTarget("http://127.0.0.1:9", None, timeout=1)
