@@ -18,6 +18,12 @@ but not each token's position, so it assumes the workload's layout: a request of
 tokens prefills positions ``v-1 .. v+t-1`` (the KV of its first ``v-1`` virtual tokens is the task's cached
 prompt KV), a mean context of ``v + t/2``, and ``t + 1`` prefill tokens per LM-head row. Achieved prefill GFLOP/s
 is those FLOPs divided by the prefill steps' seconds (``softprompt_step_seconds_total{kind="prefill"}``).
+
+Prefill-only steps may be few (once one row decodes, later prefill chunks share steps with decode rows, kind
+``mixed``), so the bench also reports the server's rate over all its steps: every position counted in any step
+kind, split into ``D`` decode positions (a request that generated ``n`` tokens fed back ``n - 1`` of them) at
+context ``v + t + n/2`` on average, each with an LM head, and ``P = positions - D`` prefill positions costed as
+above; those FLOPs divided by the seconds of all steps.
 """
 
 from __future__ import annotations
@@ -84,6 +90,22 @@ def server_prefill_flops(shape: ModelShape, tokens: float, virtual: int, text: i
     """The server's prefill FLOPs for ``tokens`` counted prefill tokens of a ``virtual`` + ``text`` workload
     (assumptions in the module docstring)."""
     return prefill_flops(shape, tokens, virtual + text / 2, tokens / (text + 1))
+
+
+def decode_flops(shape: ModelShape, tokens: float, mean_context: float) -> float:
+    """FLOPs of ``tokens`` decode positions (one token each, LM head included) of mean context
+    ``mean_context``."""
+    return tokens * (shape.linear_flops_per_token + shape.attention_flops(mean_context) + shape.lm_head_flops)
+
+
+def server_all_steps_flops(shape: ModelShape, positions: float, requests: int, generated: int, virtual: int,
+                           text: int) -> float:
+    """FLOPs of all ``positions`` the server computed for ``requests`` requests of ``virtual`` + ``text`` tokens
+    that generated ``generated`` tokens in all (assumptions in the module docstring)."""
+    decode = max(0, generated - requests)
+    mean_new = generated / requests if requests else 0.0
+    return (server_prefill_flops(shape, max(0.0, positions - decode), virtual, text)
+            + decode_flops(shape, decode, virtual + text + mean_new / 2))
 
 
 def matmul_peak(shapes=PEAK_SHAPES, repeats: int = 9, warmup: int = 3) -> dict:

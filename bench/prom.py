@@ -60,6 +60,18 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else b - a
 
 
+def _counter_diff(before: dict, after: dict) -> dict:
+    """Per-kind increase of a labelled counter. A kind first seen after the leg started was 0 before (a
+    labelled counter appears on first use) when the counter itself existed before; with no sample of it at all
+    before or after, the increase is unknown (``None``)."""
+    known = any(v is not None for v in before.values()) or any(v is not None for v in after.values())
+    out = {}
+    for k in STEP_KINDS:
+        b, a = before.get(k), after.get(k)
+        out[k] = (a - (b or 0.0)) if a is not None else (0.0 if known else None)
+    return out
+
+
 def leg_delta(before: dict, after: dict) -> dict:
     """Engine figures over one leg: steps, mean rows per step, and seconds / tokens per step kind."""
     steps = _diff(before["batch_count"], after["batch_count"])
@@ -67,8 +79,8 @@ def leg_delta(before: dict, after: dict) -> dict:
     return {
         "engine_steps": steps,
         "mean_rows_per_step": rows / steps if steps else None,
-        "step_seconds": {k: _diff(before["step_seconds"][k], after["step_seconds"][k]) for k in STEP_KINDS},
-        "step_tokens": {k: _diff(before["step_tokens"][k], after["step_tokens"][k]) for k in STEP_KINDS},
+        "step_seconds": _counter_diff(before["step_seconds"], after["step_seconds"]),
+        "step_tokens": _counter_diff(before["step_tokens"], after["step_tokens"]),
     }
 
 

@@ -113,15 +113,23 @@ def prefill_lines(res: dict) -> list[str]:
         p = res.get("scenarios", {}).get(name, {}).get("prefill")
         if not p:
             continue
-        hf = p.get("hf_batch_prefill_gflops_per_s")
-        load = p.get("peak_load_avg_1min")
-        out.append(f"prefill, {name}: server {_num(p.get('achieved_gflops_per_s'), '{:.1f}')} GFLOP/s "
-                   f"({_num(p.get('fraction_of_peak'), '{:.0%}')} of the fp32 torch.mm peak "
-                   f"{_num(p.get('peak_gflops_per_s'), '{:.1f}')} GFLOP/s"
-                   + (f", measured at load average {load:.2f}" if load is not None else "") + ")"
-                   + (f"; HF padded batch first step {hf:.1f} GFLOP/s" if hf is not None else "")
-                   + ("" if p.get("prefill_seconds") else
-                      "  [n/a: the server exports no softprompt_step_seconds_total{kind=\"prefill\"}]"))
+        hf, load, peak = p.get("hf_batch_prefill_gflops_per_s"), p.get("peak_load_avg_1min"), p.get("peak_gflops_per_s")
+        line = (f"prefill, {name}: server {_num(p.get('achieved_gflops_per_s'), '{:.1f}')} GFLOP/s in prefill-only "
+                f"steps ({_num(p.get('fraction_of_peak'), '{:.0%}')} of the fp32 torch.mm peak "
+                f"{_num(peak, '{:.1f}')} GFLOP/s"
+                + (f", measured at load average {load:.2f}" if load is not None else "") + ")")
+        if p.get("prefill_seconds"):
+            line += f" over {p['prefill_tokens']:.0f} positions / {p['prefill_seconds']:.2f} s"
+        elif p.get("prefill_seconds") is None:
+            line += "  [n/a: the server exports no softprompt_step_seconds_total{kind=\"prefill\"}]"
+        else:
+            line += "  [n/a: no prefill-only step in this leg]"
+        if (a := p.get("all_steps_gflops_per_s")) is not None:
+            line += (f"; all steps {a:.1f} GFLOP/s ({_num(a / peak if peak else None, '{:.0%}')} of peak) over "
+                     f"{p['all_steps_positions']:.0f} positions / {p['all_steps_seconds']:.2f} s")
+        if hf is not None:
+            line += f"; HF padded batch first step {hf:.1f} GFLOP/s"
+        out.append(line)
     return out
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from .driver import load_average
-from .flops import ModelShape, matmul_peak, row_prefill_flops, server_prefill_flops
+from .flops import ModelShape, matmul_peak, row_prefill_flops, server_all_steps_flops, server_prefill_flops
 from .hf_legs import hf_padded_batch, hf_sequential
 from .server_leg import ServerTarget
 from .stats import LegResult, summarize, texts_equal
@@ -95,6 +95,14 @@ def _prefill(ctx: Context, server: dict, wl: Workload, hf_batch: LegResult | Non
         flops = server_prefill_flops(ctx.shape, tokens, wl.virtual_tokens, wl.text_tokens)
         out.update(flops=flops, achieved_gflops_per_s=flops / seconds / 1e9)
         out["fraction_of_peak"] = out["achieved_gflops_per_s"] / out["peak_gflops_per_s"]
+    all_pos = [v for v in (eng.get("step_tokens") or {}).values() if v is not None]
+    all_s = [v for v in (eng.get("step_seconds") or {}).values() if v is not None]
+    if all_pos and sum(all_s) > 0:
+        ok = server["requests"] - server["failed_requests"]
+        flops = server_all_steps_flops(ctx.shape, sum(all_pos), ok, server["completion_tokens"],
+                                       wl.virtual_tokens, wl.text_tokens)
+        out.update(all_steps_positions=sum(all_pos), all_steps_seconds=sum(all_s),
+                   all_steps_gflops_per_s=flops / sum(all_s) / 1e9)
     if hf_batch is not None:
         flops = wl.num_requests * row_prefill_flops(ctx.shape, 0, wl.virtual_tokens + wl.text_tokens)
         out["hf_batch_prefill_gflops_per_s"] = flops / hf_batch.extra["first_step_s"] / 1e9

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from bench.flops import ModelShape, matmul_peak, prefill_flops, row_prefill_flops, server_prefill_flops
+from bench.flops import (
+    ModelShape,
+    decode_flops,
+    matmul_peak,
+    prefill_flops,
+    row_prefill_flops,
+    server_all_steps_flops,
+    server_prefill_flops,
+)
 
 # hidden 8, intermediate 16, 2 layers, 2 query heads of dim 4, 1 KV head, vocabulary 10
 TINY = ModelShape(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10)
@@ -33,6 +41,12 @@ def test_server_estimate_equals_the_exact_row_sum_for_the_workload_layout():
     assert server_prefill_flops(TINY, t + 1, v, t) == pytest.approx(exact) == pytest.approx(67360)
     assert server_prefill_flops(TINY, 10 * (t + 1), v, t) == pytest.approx(10 * exact)
     assert prefill_flops(TINY, 3, 2.0, 0) == 3 * (2304 + 64 * 2)
+
+
+def test_all_steps_split_decode_and_prefill_positions():
+    # 2 requests of 4 virtual + 20 text tokens, 5 generated each: 2 * 21 prefill + 2 * 4 decode positions
+    assert decode_flops(TINY, 8, 26.5) == 8 * (2304 + 64 * 26.5 + 160) == 33280
+    assert server_all_steps_flops(TINY, 50, 2, 10, 4, 20) == pytest.approx(2 * 67360 + 33280)
 
 
 def test_shape_from_config_smollm2_135m():

@@ -37,7 +37,9 @@ def test_snapshot_and_delta():
                                      .replace('"prefill"} 4.0', '"prefill"} 9.5')))
     d = prom.leg_delta(before, after)
     assert d["engine_steps"] == 4 and d["mean_rows_per_step"] == 25
-    assert d["step_seconds"] == {"prefill": 5.5, "decode": 0.0, "mixed": None}
+    assert d["step_seconds"] == {"prefill": 5.5, "decode": 0.0, "mixed": 0.0}
+    later = prom.snapshot(prom.parse(EXPO + 'softprompt_step_tokens_total{kind="mixed"} 99.0\n'))
+    assert prom.leg_delta(before, later)["step_tokens"]["mixed"] == 99.0  # first seen during the leg: from 0
 
 
 def test_step_positions_is_read_as_step_tokens():

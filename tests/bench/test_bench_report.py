@@ -79,6 +79,20 @@ def test_render_has_table_many_tasks_prefill_and_notes():
     assert "ConnectError" in text
 
 
+def test_prefill_line_variants():
+    from bench.report import prefill_lines
+
+    def line(**p):
+        return prefill_lines({"scenarios": {"long": {"prefill": {"peak_gflops_per_s": 200.0, **p}}}})[0]
+
+    assert "no prefill-only step" in line(prefill_seconds=0.0, prefill_tokens=0.0)
+    full = line(prefill_seconds=2.0, prefill_tokens=1000.0, achieved_gflops_per_s=170.0, fraction_of_peak=0.85,
+                all_steps_gflops_per_s=100.0, all_steps_positions=5000.0, all_steps_seconds=9.5)
+    assert "server 170.0 GFLOP/s in prefill-only steps (85% of the fp32 torch.mm peak 200.0 GFLOP/s)" in full
+    assert "over 1000 positions / 2.00 s" in full
+    assert "all steps 100.0 GFLOP/s (50% of peak) over 5000 positions / 9.50 s" in full
+
+
 def test_masked_command_hides_the_token():
     assert masked_command(["--admin-token", "s3cret", "--x"]) == "softprompt bench --admin-token '***' --x"
     assert "s3cret" not in masked_command(["--admin-token=s3cret"])
