@@ -224,16 +224,18 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, caplog, tmp_path):
 
 
 def test_build_is_cached_by_source_flags_and_cpu(kernel, tmp_path, monkeypatch):
-    first = cpu_mod.build_kernel(tmp_path)
-    assert first.exists() and first.parent == tmp_path
-    assert cpu_mod.build_kernel(tmp_path) == first  # cached: same file, no rebuild
+    first = cpu_mod.build_kernel()  # the kernel fixture's build: found in the cache, not rebuilt
     mtime = first.stat().st_mtime_ns
-    assert cpu_mod.build_kernel(tmp_path).stat().st_mtime_ns == mtime
+    assert cpu_mod.build_kernel() == first and first.stat().st_mtime_ns == mtime
     monkeypatch.setattr(cpu_mod, "_cpu_id", lambda: "another cpu")
-    monkeypatch.setattr(cpu_mod, "_compile_command", lambda src, out: ["true"])  # no second real build
-    other = cpu_mod.build_kernel(tmp_path)  # another CPU: another file name (here an empty "build")
-    assert other != first and other.name.startswith("paged_decode_")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])  # no temp file left
+    monkeypatch.setattr(cpu_mod, "_compile_command", lambda src, out: ["true"])  # an empty "build", no compiler
+    other = cpu_mod.build_kernel(tmp_path)  # another CPU: another file name
+    assert other.name != first.name and other.name.startswith("paged_decode_")
+    monkeypatch.setattr(cpu_mod, "_cpu_id", lambda: "a third cpu")
+    monkeypatch.setattr(cpu_mod, "_compile_command", lambda src, out: ["false"])
+    with pytest.raises(RuntimeError, match="compiler exited 1"):
+        cpu_mod.build_kernel(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]  # no temporary file left behind
 
 
 def test_write_kv_and_metadata_put_keys_where_block_tables_say():
