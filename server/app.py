@@ -39,6 +39,7 @@ class AppState:
     engine: Engine | None = None
     store: PromptStore | None = None
     ready: bool = False
+    engine_on_caller: bool = False  # the engine loop runs on the thread that calls Engine.run_forever (serve)
 
     def start(self) -> None:
         """Blocking start-up (run in a worker thread by the lifespan)."""
@@ -50,7 +51,7 @@ class AppState:
 
             torch.set_num_threads(s.torch_threads)
         self.engine = Engine(self.loaded, s.engine_config(), self.metrics)
-        self.engine.start()
+        self.engine.start(background=not self.engine_on_caller)
         m = self.metrics
         m.prompts_loaded.set_function(lambda: len(self.registry))
         self.store = PromptStore(
@@ -85,14 +86,17 @@ class AppState:
         log.warning("prompt entry %s skipped: %s", entry, error)
 
 
-def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None,
+               engine_on_caller: bool = False) -> FastAPI:
     """Build the FastAPI app.
 
     Args:
         settings: configuration (default: read from the environment).
         loaded: an already loaded model (tests pass a tiny one); None loads ``settings.model``.
+        engine_on_caller: the lifespan starts the engine without a loop thread; the caller runs
+            ``app.state.sp.engine.run_forever()`` (``softprompt serve`` does, on the main thread).
     """
-    state = AppState(settings or Settings(), loaded=loaded)
+    state = AppState(settings or Settings(), loaded=loaded, engine_on_caller=engine_on_caller)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

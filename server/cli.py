@@ -43,14 +43,36 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve HTTP on a thread of its own and run the engine loop on this (the main) thread, which is where GNU
+    OpenMP's parallel regions are cheapest (:mod:`server.engine`). SIGINT/SIGTERM start uvicorn's graceful
+    shutdown, whose lifespan stops the engine. Returns 1 if the server stopped before the engine started (a bad
+    port, a model that failed to load)."""
+    import signal
+    import threading
+
     import uvicorn
 
     from server.app import create_app
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings, engine_on_caller=True)
+    state = app.state.sp
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+
+    def shutdown(signum, frame) -> None:
+        server.should_exit = True
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    http.start()
+    while not (state.ready and state.engine is not None):
+        if not http.is_alive():
+            return 1
+        http.join(0.2)
+    state.engine.run_forever()  # returns once the lifespan's shutdown stopped the engine
+    http.join()
     return 0
 
 

@@ -21,6 +21,10 @@ class EngineConfig:
         block_size: token positions per KV block.
         max_virtual_tokens: largest soft prompt accepted, tokens.
         max_waiting: most queued requests before new ones are refused.
+        attention_kernel: on the CPU, run decode attention in the compiled paged kernel
+            (:mod:`server.attention.cpu`); False uses the pure-torch path.
+        packed_weights: on the CPU in fp32, run the projections on MKL packed weights (:mod:`server.llama`; two
+            extra copies of the linear weights in memory, 1.25-2x faster decode matmuls).
     """
 
     max_num_seqs: int = 64
@@ -30,3 +34,5 @@ class EngineConfig:
     block_size: int = 16
     max_virtual_tokens: int = 128
     max_waiting: int = 1024
+    attention_kernel: bool = True
+    packed_weights: bool = True

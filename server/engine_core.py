@@ -12,6 +12,7 @@ import time
 from server.attention.backend import AttentionBackend
 from server.block_pool import BlockPool
 from server.engine_config import EngineConfig
+from server.host import tune_malloc
 from server.kv_pool import KVPool, kv_bytes_per_token, model_kv_shape
 from server.metrics import Metrics
 from server.model_loader import LoadedModel
@@ -25,7 +26,8 @@ from server.scheduler import Scheduler, SchedulerOutput
 class EngineCore:
     """Scheduler + runner + output processor over one KV pool.
 
-    The pool holds ``(kv_cache_bytes + prompt_kv_cache_bytes) // block_bytes`` blocks (at least one), where
+    On the CPU it raises glibc's malloc thresholds for the process (:func:`server.host.tune_malloc`). The pool
+    holds ``(kv_cache_bytes + prompt_kv_cache_bytes) // block_bytes`` blocks (at least one), where
     ``block_bytes = block_size * 2 * layers * kv_heads * head_dim * dtype_bytes``.
 
     Args:
@@ -37,6 +39,8 @@ class EngineCore:
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, metrics: Metrics,
                  backend: AttentionBackend | None = None) -> None:
+        if loaded.device.type == "cpu":
+            tune_malloc()
         layers, kvh, hd = model_kv_shape(loaded.model.config)
         self.bytes_per_token = kv_bytes_per_token(layers, kvh, hd, loaded.dtype)
         bs = config.block_size
@@ -47,7 +51,7 @@ class EngineCore:
         self.prompt_cache = PromptKVCache(self.pool, config.prompt_kv_cache_bytes, self.bytes_per_token)
         self.scheduler = Scheduler(self.pool, self.prompt_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded, KVPool(num_blocks, bs, layers, kvh, hd, loaded.dtype, loaded.device),
-                                  backend)
+                                  backend, config.attention_kernel, config.packed_weights)
         self.outputs = OutputProcessor(loaded.tokenizer, frozenset(loaded.eos_token_ids), metrics)
         self.steps = 0
 

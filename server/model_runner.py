@@ -48,11 +48,12 @@ class StepResult:
     failed: frozenset[str]
 
 
-def default_backend(device: torch.device) -> AttentionBackend:
-    """The attention backend for ``device``: the CPU backend (SDPA prefill, paged decode kernel) on the CPU."""
+def default_backend(device: torch.device, use_kernel: bool = True) -> AttentionBackend:
+    """The attention backend for ``device``: the CPU backend (grouped SDPA prefill, paged decode kernel when
+    ``use_kernel``). CUDA has no backend of its own yet: the CPU backend's torch path runs there too."""
     from server.attention.cpu import CpuBackend
 
-    return CpuBackend()
+    return CpuBackend(use_kernel=use_kernel and torch.device(device).type == "cpu")
 
 
 class ModelRunner:
@@ -62,16 +63,42 @@ class ModelRunner:
         loaded: the frozen model.
         pool: the KV tensors (block ids match the scheduler's :class:`~server.block_pool.BlockPool`).
         backend: attention backend; :func:`default_backend` if None.
+        attention_kernel: passed to :func:`default_backend`.
+        packed_weights: passed to :class:`~server.llama.LlamaLayers`.
     """
 
-    def __init__(self, loaded: LoadedModel, pool: KVPool, backend: AttentionBackend | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, pool: KVPool, backend: AttentionBackend | None = None,
+                 attention_kernel: bool = True, packed_weights: bool = True) -> None:
         self.loaded = loaded
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.pool = pool
-        self.model = LlamaLayers(loaded.model, backend or default_backend(loaded.device))
+        self.model = LlamaLayers(loaded.model, backend or default_backend(loaded.device, attention_kernel),
+                                 packed_weights)
         self._tails: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt key -> [L, r, KVH, D] K and V
         self._generators: dict[str, torch.Generator] = {}  # request_id -> its sampling generator
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int = 0, max_rows: int = 0) -> None:
+        """Before serving: build what the backend compiles (the CPU decode kernel, seconds on a fresh machine), then
+        run one prefill pass of up to ``max_tokens`` positions and one decode pass of up to ``max_rows`` rows on
+        scratch KV, as vLLM's start-up profile run does, so the first requests do not pay for first-touch memory
+        (the step's largest activations) and lazy initialisation. Uses blocks no request holds yet: call it before
+        the engine admits anything."""
+        getattr(self.model.backend, "kernel_available", None)
+        bs, nb = self.pool.block_size, self.pool.num_blocks
+        tokens = min(max_tokens, nb * bs)
+        if tokens > 1:
+            meta = build_metadata([RowSpec(list(range(-(-tokens // bs))), 0, tokens)], bs, self.device)
+            h = self.model.forward(self.model.embed(torch.zeros(tokens, dtype=torch.long, device=self.device)), meta,
+                                   self.pool.k, self.pool.v)
+            self.model.logits(h[-min(max_rows or 1, tokens):])
+        rows = min(max_rows, nb)
+        if rows > 0:
+            meta = build_metadata([RowSpec([b], 0, 1) for b in range(rows)], bs, self.device)
+            h = self.model.forward(self.model.embed(torch.zeros(rows, dtype=torch.long, device=self.device)), meta,
+                                   self.pool.k, self.pool.v)
+            self.model.logits(h)
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -92,7 +119,7 @@ class ModelRunner:
         if not sampling:
             return StepResult({}, frozenset())
         logits = self.model.logits(hidden[last])  # [S, vocab]
-        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+        bad = ~torch.isfinite(logits.amax(-1))  # NaN or +inf anywhere, or all -inf (amax propagates NaN)
         failed = frozenset(q.request_id for q, b in zip(sampling, bad.tolist(), strict=True) if b)
         if failed:
             keep = (~bad).nonzero()[:, 0]

@@ -66,13 +66,7 @@ class RequestStream:
 
     def put(self, out: RequestOutput) -> None:
         """Called by the engine thread."""
-        if self._loop is not None and self._aq is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, out)
-            except RuntimeError:  # the loop is closed: nobody is listening
-                pass
-        else:
-            self._q.put(out)
+        deliver([(self, out)])
 
     async def __aiter__(self):
         if self._aq is None:
@@ -90,6 +84,27 @@ class RequestStream:
             yield out
             if out.finished:
                 return
+
+
+def deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    """Hand outputs to their streams with one wake-up per event loop (not one per output), so the HTTP layer's
+    loop takes the GIL once per engine step rather than once per request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    for stream, out in items:
+        if stream._loop is not None and stream._aq is not None:
+            by_loop.setdefault(stream._loop, []).append((stream._aq, out))
+        else:
+            stream._q.put(out)
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, pairs)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            pass
+
+
+def _put_all(pairs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for aq, out in pairs:
+        aq.put_nowait(out)
 
 
 class OutputProcessor:

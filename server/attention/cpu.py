@@ -22,10 +22,10 @@ writes a temporary file and renames it, so concurrent processes need no lock (``
 would need ninja, and waits forever on the lock file a killed build leaves behind).
 When no compiler is found or the build or load fails, a warning is logged once and decode rows take the pure-torch
 path: they are gathered and run through the same batched SDPA as prefill rows (correct, slower). Set
-``SOFTPROMPT_ATTN_KERNEL=0`` to use that path on purpose. A runner that does not want the first decode step to wait
-for the build reads :attr:`CpuBackend.kernel_available` at start-up. The kernel needs a C++ compiler with OpenMP at
-run time (none in a slim Docker image: there the fallback runs) and ``paged_decode.cpp`` installed next to this
-file (an editable install has it; a wheel needs it listed as package data).
+``--no-attention-kernel`` (``Settings.attention_kernel``) to use that path on purpose. A runner that does not want
+the first decode step to wait for the build reads :attr:`CpuBackend.kernel_available` at start-up (the engine
+does). The kernel needs a C++ compiler with OpenMP at run time (none in a slim Docker image: there the fallback
+runs) and ``paged_decode.cpp`` installed next to this file (package data of ``server.attention``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def build_kernel(cache_dir: Path | None = None) -> Path:
 
 def paged_decode_op() -> Callable[..., None] | None:
     """``torch.ops.softprompt_attn.paged_decode``, built and loaded on the first call (thread-safe), or ``None`` when
-    it cannot be built or loaded (a warning is logged once) or ``SOFTPROMPT_ATTN_KERNEL=0``.
+    it cannot be built or loaded (a warning is logged once).
 
     The op: ``paged_decode(q [B,H,D], k_cache, v_cache [NB,BS,KVH,D], block_tables int32 [>=B,M],
     seq_lens int64 [>=B], scale, out [B,H,D]) -> None`` (writes ``out``).
@@ -147,13 +147,10 @@ def paged_decode_op() -> Callable[..., None] | None:
         if _tried:
             return _op
         try:
-            if os.environ.get("SOFTPROMPT_ATTN_KERNEL", "1") == "0":
-                log.info("SOFTPROMPT_ATTN_KERNEL=0: decode attention uses the pure-torch path")
-            else:
-                path = build_kernel()
-                if not hasattr(torch.ops.softprompt_attn, "paged_decode"):  # one library per namespace and process
-                    torch.ops.load_library(str(path))
-                _op = torch.ops.softprompt_attn.paged_decode
+            path = build_kernel()
+            if not hasattr(torch.ops.softprompt_attn, "paged_decode"):  # one library per namespace and process
+                torch.ops.load_library(str(path))
+            _op = torch.ops.softprompt_attn.paged_decode
         except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
             log.warning("paged decode kernel unavailable, decode attention falls back to gather + SDPA: %s", e)
             _op = None

@@ -247,10 +247,27 @@ def test_seeded_sampling_survives_preemption_state(tiny_loaded):
 def test_fused_projections_are_views_of_one_tensor(tiny_loaded, runner):
     """Q/K/V and gate/up weights were fused without copies: the HF modules' weights view the fused tensors."""
     layer = tiny_loaded.model.model.layers[0]
-    qkv, _ = runner.model.qkv[0]
+    qkv = runner.model.qkv[0].weight
     assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
-    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == runner.model.gate_up[0][0].untyped_storage(
-    ).data_ptr()
+    gate_up = runner.model.gate_up[0].weight
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+
+
+def test_packed_linear_equals_f_linear():
+    """MKL's packed GEMM gives F.linear's values: bit for bit from 2 rows on (small and large packings), within
+    float rounding for 1 row (F.linear then takes a GEMV path)."""
+    from server.llama import Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
+    lin = Linear(w, b, pack=True)
+    assert (lin.packed is not None) == torch.backends.mkl.is_available()
+    for m in (2, 7, 64, 300):
+        x = torch.randn(m, 40, generator=g)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, w, b)), m
+    x = torch.randn(1, 40, generator=g)
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert Linear(w, b, pack=False).packed is None
 
 
 def test_kv_bytes_per_token(tiny_loaded):
