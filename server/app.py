@@ -78,6 +78,8 @@ class AppState:
     def _on_load(self, prompt: SoftPrompt, action: str) -> None:
         if action in ("created", "replaced"):
             self.metrics.prompt_loads.labels(action).inc()
+            if self.engine is not None:
+                self.engine.prefetch(prompt)  # its virtual-token KV, computed while the engine is idle
         log.info("prompt %s v%d %s (%d virtual tokens)", prompt.task, prompt.version, action,
                  prompt.num_virtual_tokens)
 

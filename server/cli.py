@@ -43,37 +43,42 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Serve HTTP on a thread of its own and run the engine loop on this (the main) thread, which is where GNU
-    OpenMP's parallel regions are cheapest (:mod:`server.engine`). SIGINT/SIGTERM start uvicorn's graceful
-    shutdown, whose lifespan stops the engine. Returns 1 if the server stopped before the engine started (a bad
-    port, a model that failed to load)."""
+    """Load the model here (so a bad model path is a one-line error, exit 2), serve HTTP on a thread of its own and
+    run the engine loop on this, the main thread, where GNU OpenMP's parallel regions are cheapest
+    (:mod:`server.engine`). SIGINT/SIGTERM go to uvicorn's own handler (graceful shutdown; a second SIGINT forces
+    it), whose lifespan stops the engine. Returns 0 after a clean shutdown, 1 when the server never started (a port
+    in use) or the engine loop died."""
     import signal
     import threading
 
     import uvicorn
 
     from server.app import create_app
+    from server.host import tune_malloc
+    from server.model_loader import load_model
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings, engine_on_caller=True)
+    loaded = load_model(settings.model, cache_dir=settings.cache_dir, device=settings.device, dtype=settings.dtype)
+    if loaded.device.type == "cpu":
+        tune_malloc()
+    app = create_app(settings, loaded=loaded, engine_on_caller=True)
     state = app.state.sp
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     http = threading.Thread(target=server.run, name="http", daemon=True)
-
-    def shutdown(signum, frame) -> None:
-        server.should_exit = True
-
-    signal.signal(signal.SIGINT, shutdown)
-    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, server.handle_exit)
+    signal.signal(signal.SIGTERM, server.handle_exit)
     http.start()
     while not (state.ready and state.engine is not None):
         if not http.is_alive():
             return 1
         http.join(0.2)
-    state.engine.run_forever()  # returns once the lifespan's shutdown stopped the engine
+    engine = state.engine
+    engine.run_forever()  # returns once the lifespan's shutdown stopped the engine, or the loop died
+    if engine.error is not None:
+        server.should_exit = True  # a dead engine takes the HTTP server down with it
     http.join()
-    return 0
+    return 0 if server.started and engine.error is None else 1
 
 
 def _prepare_model(args: argparse.Namespace) -> int:

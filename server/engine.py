@@ -84,6 +84,7 @@ class Engine:
         self._dead = False
         self._thread: threading.Thread | None = None
         self._started = False
+        self._entered = False  # run_forever was called
         self._done = threading.Event()
 
     # shortcuts for tests and the bench
@@ -101,20 +102,30 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, background: bool = True) -> None:
-        """Build the backend's kernels, then start the loop on a thread of its own, or (``background=False``)
-        accept requests now and leave running the loop to :meth:`run_forever` on the caller's thread. Idempotent."""
+        """Accept requests from now on and run the loop (:meth:`run_forever`: warm-up, then steps) on a thread of its
+        own, or (``background=False``) leave running it to the caller's thread. Idempotent."""
         if self._started:
             return
-        self.core.runner.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         self._started = True
         self.metrics.engine_alive.set(1)
         if background:
-            self._thread = threading.Thread(target=self._run, name="softprompt-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run_forever, name="softprompt-engine", daemon=True)
             self._thread.start()
 
     def run_forever(self) -> None:
-        """Run the loop on the calling thread until :meth:`stop` (after ``start(background=False)``)."""
+        """Warm up, then run the loop on the calling thread until :meth:`stop` (after ``start(background=False)``;
+        requests submitted meanwhile wait in the inbox)."""
+        self._entered = True
+        try:
+            self._warm_up()
+        except BaseException:
+            self._done.set()
+            raise
         self._run()
+
+    def _warm_up(self) -> None:
+        """Kernels built and first-touch memory paid on the thread that will run the loop."""
+        self.core.runner.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop (waiting up to ``timeout`` seconds for its step to end); pending requests finish with an
@@ -123,8 +134,10 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        elif self._started:
+        elif self._entered:
             self._done.wait(timeout)
+        self._done.set()  # a loop never entered counts as ended
+        self.metrics.engine_alive.set(0)
         self._fail_all(EngineDeadError("engine stopped"))
 
     @property
@@ -182,6 +195,12 @@ class Engine:
         self._wake.set()
         return stream
 
+    def prefetch(self, prompt) -> None:
+        """Compute a newly loaded prompt's virtual-token KV while the engine is idle (best effort; see
+        :meth:`EngineCore.prefetch_some`)."""
+        self._inbox.put(("prefetch", prompt))
+        self._wake.set()
+
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step and free its KV (no-op if it already finished)."""
         self._inbox.put(("abort", request_id))
@@ -193,6 +212,9 @@ class Engine:
         try:
             while not self._stop.is_set():
                 if not self._drain_inbox() and not self.core.has_work():
+                    if self.core.prefetch_pending:
+                        self.core.prefetch_some()
+                        continue
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
@@ -222,7 +244,13 @@ class Engine:
                 return got
             got = True
             if kind == "add":
-                self.core.add(item)  # type: ignore[arg-type]
+                try:
+                    self.core.add(item)  # type: ignore[arg-type]
+                except ValueError as exc:  # refused by the scheduler (check() should have caught it): this one fails
+                    self.core.scheduler.finish(item, RequestStatus.FINISHED_ERROR)  # type: ignore[arg-type]
+                    self._deliver(make_output(item, error=str(exc)))  # type: ignore[arg-type]
+            elif kind == "prefetch":
+                self.core.queue_prefetch(item)
             elif kind == "abort":
                 with self._lock:
                     stream = self._streams.get(str(item))

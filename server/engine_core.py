@@ -8,26 +8,25 @@ the engine thread only; :class:`server.engine.Engine` is the thread-safe front.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 from server.attention.backend import AttentionBackend
 from server.block_pool import BlockPool
 from server.engine_config import EngineConfig
-from server.host import tune_malloc
 from server.kv_pool import KVPool, kv_bytes_per_token, model_kv_shape
 from server.metrics import Metrics
 from server.model_loader import LoadedModel
 from server.model_runner import ModelRunner
 from server.outputs import OutputProcessor, RequestOutput, make_output
 from server.prompt_cache import PromptKVCache
-from server.request import Request, RequestStatus
+from server.request import Request, RequestStatus, SamplingParams
 from server.scheduler import Scheduler, SchedulerOutput
 
 
 class EngineCore:
     """Scheduler + runner + output processor over one KV pool.
 
-    On the CPU it raises glibc's malloc thresholds for the process (:func:`server.host.tune_malloc`). The pool
-    holds ``(kv_cache_bytes + prompt_kv_cache_bytes) // block_bytes`` blocks (at least one), where
+    The pool holds ``(kv_cache_bytes + prompt_kv_cache_bytes) // block_bytes`` blocks (at least one), where
     ``block_bytes = block_size * 2 * layers * kv_heads * head_dim * dtype_bytes``.
 
     Args:
@@ -39,8 +38,6 @@ class EngineCore:
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, metrics: Metrics,
                  backend: AttentionBackend | None = None) -> None:
-        if loaded.device.type == "cpu":
-            tune_malloc()
         layers, kvh, hd = model_kv_shape(loaded.model.config)
         self.bytes_per_token = kv_bytes_per_token(layers, kvh, hd, loaded.dtype)
         bs = config.block_size
@@ -54,11 +51,16 @@ class EngineCore:
                                   backend, config.attention_kernel, config.packed_weights)
         self.outputs = OutputProcessor(loaded.tokenizer, frozenset(loaded.eos_token_ids), metrics)
         self.steps = 0
+        self._prefetch: OrderedDict[str, object] = OrderedDict()  # prompt key -> SoftPrompt, waiting for idle time
 
     def add(self, req: Request) -> None:
-        """Queue a request (its text pipeline starts now)."""
-        self.outputs.add(req)
+        """Queue a request (its text pipeline starts once the scheduler took it).
+
+        Raises:
+            ValueError: the scheduler refuses it (its KV can never fit the pool).
+        """
         self.scheduler.add(req)
+        self.outputs.add(req)
 
     def abort(self, req: Request) -> RequestOutput | None:
         """Finish ``req`` as aborted and free its KV; its final output, or None if it had already finished."""
@@ -70,6 +72,45 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ prompt-KV prefetch
+    def queue_prefetch(self, prompt) -> None:
+        """Compute ``prompt``'s virtual-token KV (a :class:`~prompt_store.registry.SoftPrompt`) when the engine is
+        idle, so its first request does not pay for it. Best effort: see :meth:`prefetch_some`."""
+        if prompt.num_virtual_tokens > 1:
+            self._prefetch[prompt.sha256] = prompt
+
+    @property
+    def prefetch_pending(self) -> int:
+        return len(self._prefetch)
+
+    def prefetch_some(self, max_prompts: int = 16) -> int:
+        """Compute up to ``max_prompts`` queued prompts' KV in one packed pass; only while no request waits or
+        runs, only into free blocks, and only while the cache stays within its byte budget (a prefetch never evicts
+        another prompt). A queued prompt that does not fit is dropped. Returns how many were computed."""
+        cache, pool = self.prompt_cache, self.pool
+        todo, temp = [], []
+        while self._prefetch and len(todo) < max_prompts and not self.scheduler.has_work():
+            key, prompt = self._prefetch.popitem(last=False)
+            n = prompt.num_virtual_tokens - 1
+            full, tail = divmod(n, pool.block_size)
+            if key in cache:
+                continue
+            if cache.nbytes + n * self.bytes_per_token > cache.budget_bytes or pool.num_free < full + (tail > 0):
+                continue
+            entry, _ = cache.acquire(key, n)
+            stand_in = Request(f"prefetch-{key[:16]}", [], SamplingParams(max_new_tokens=1), soft_prompt=prompt)
+            stand_in.block_table = list(entry.full_blocks) + (pool.allocate(1) if tail else [])
+            todo.append((entry, stand_in))
+            temp.append(stand_in.block_table[len(entry.full_blocks):])
+        if todo:
+            self.runner.execute(SchedulerOutput(prompts_to_compute=todo, evicted_prompts=cache.drain_evicted()))
+        for (entry, _), blocks in zip(todo, temp, strict=True):
+            cache.mark_computed(entry)
+            pool.release(list(entry.full_blocks) + blocks)  # the stand-in's references; the cache keeps its own
+            cache.release(entry)
+        self.refresh_gauges()
+        return len(todo)
 
     def step(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
         """One engine step: plan, run the model, apply the results, produce each request's output. Returns the

@@ -1,4 +1,5 @@
-"""Process-level tuning of the host for CPU inference.
+"""Process-level tuning of the host for CPU inference (``softprompt serve`` applies it; a library user of the
+engine decides for their own process).
 
 glibc's malloc serves allocations above a dynamic threshold (128 KiB, growing up to 32 MiB) with fresh ``mmap``
 pages and returns them to the kernel on free, so every step's large activations (a prefill's ``[1344, 3072]``

@@ -72,6 +72,9 @@ class PromptKVCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
     @property
     def num_blocks(self) -> int:
         """Pool blocks the entries hold (their full blocks)."""
@@ -114,7 +117,13 @@ class PromptKVCache:
 
     def release(self, entry: PromptKV) -> None:
         """One user fewer (its block-table references are released by the caller), then trim to the budget.
-        An entry that was never computed is dropped at once."""
+        An entry that was never computed is dropped at once.
+
+        Raises:
+            ValueError: the entry has no user left (a double release).
+        """
+        if entry.users <= 0:
+            raise ValueError(f"prompt-KV entry {entry.key[:12]} released with no user")
         entry.users -= 1
         if entry.users == 0 and not entry.computed:
             self._drop(entry)

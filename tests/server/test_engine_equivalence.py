@@ -271,9 +271,11 @@ def test_c4_mask_length_matches_virtual_text_and_generated(make_client, prompts_
     assert len(per_req) == 16
     for seq in per_req.values():
         assert seq == [("prefill", 57), ("decode", 58), ("decode", 59), ("decode", 60), ("decode", 61)]
-    # the virtual-token prefix (all but the last virtual token) was computed once, alone, for 19 positions
+    # the virtual-token prefix (all but the last virtual token) was computed once, alone, for 19 positions: when
+    # the prompt loaded (prefetch, before the recorder was installed) or for the first request
     prefix_rows = [x for x in rec.records if x["request"] is None]
-    assert [(x["kind"], x["attended"]) for x in prefix_rows] == [("prefill", 19)]
+    assert [(x["kind"], x["attended"]) for x in prefix_rows] in ([], [("prefill", 19)])
+    assert engine.core.prompt_cache.misses == 1
     # and each answer equals its greedy reference
     for text, r in zip(texts, responses, strict=True):
         ids = tok(text)["input_ids"]
@@ -567,3 +569,24 @@ def test_smollm_c2_short_long_and_real_eos(smol_loaded):
     assert result(reqs[2]) == eos_row[1]
     k = len(eos_row[1][0])
     assert len(reqs[2].output_token_ids) == k and reqs[2].output_token_ids[-1] == EOS_ID
+
+
+def test_prefetched_prompt_kv_serves_its_first_request_equal(tiny_loaded):
+    """A prompt's KV computed ahead of traffic (prefetch, while idle) is a cache hit for its first request, which
+    still equals its reference; a prefetch that would exceed the budget is skipped rather than evicting."""
+    bpt = 2 * 2 * 2 * 16 * 4
+    p, q = make_prompt("pf", rand_tensor(21, seed=240)), make_prompt("pf2", rand_tensor(21, seed=241))
+    engine = make_engine(tiny_loaded, prompt_kv_cache_bytes=20 * bpt)  # room for one 20-position prompt
+    core = engine.core
+    core.queue_prefetch(p)
+    core.queue_prefetch(q)
+    core.queue_prefetch(make_prompt("one", rand_tensor(1, seed=242)))  # nothing to cache for one virtual token
+    assert core.prefetch_pending == 2
+    assert core.prefetch_some() == 1  # q would exceed the budget: dropped, p stays cached
+    assert p.sha256 in core.prompt_cache and q.sha256 not in core.prompt_cache and core.prefetch_pending == 0
+    assert core.pool.num_used == core.prompt_cache.num_blocks == 1  # the tail's temporary block went back
+    misses = core.prompt_cache.misses
+    spec = Spec(ids_of(6, 243), p, 5)
+    assert run_alone(engine, spec) == ref_of(tiny_loaded, spec)
+    assert core.prompt_cache.misses == misses and core.prompt_cache.hits >= 1
+    assert_kv_released(engine)
