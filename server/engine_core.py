@@ -139,3 +139,4 @@ class EngineCore:
         m.kv_blocks_saved.set(self.prompt_cache.blocks_saved)
         m.prompt_kv_cached.set(len(self.prompt_cache))
         m.prompt_kv_bytes.set(self.prompt_cache.nbytes)
+        m.prompt_kv_tail_bytes.set(self.runner.tail_bytes)

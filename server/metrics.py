@@ -81,6 +81,10 @@ class Metrics:
         self.prompt_kv_cached = Gauge(
             "softprompt_prompt_kv_cached", "Soft prompts whose virtual-token KV is cached.", registry=r
         )
+        self.prompt_kv_tail_bytes = Gauge(
+            "softprompt_prompt_kv_tail_bytes", "Bytes of cached prompts' KV tails, kept outside the KV pool.",
+            registry=r,
+        )
         self.prompt_kv_bytes = Gauge(
             "softprompt_prompt_kv_bytes", "Bytes of cached prompt KV (in use or kept under the budget).", registry=r
         )

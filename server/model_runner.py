@@ -76,6 +76,7 @@ class ModelRunner:
         self.model = LlamaLayers(loaded.model, backend or default_backend(loaded.device, attention_kernel),
                                  packed_weights)
         self._tails: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt key -> [L, r, KVH, D] K and V
+        self.tail_bytes = 0  # bytes of the tails, kept outside the pool
         self._generators: dict[str, torch.Generator] = {}  # request_id -> its sampling generator
 
     @torch.inference_mode()
@@ -105,7 +106,9 @@ class ModelRunner:
     def execute(self, plan: SchedulerOutput) -> StepResult:
         """Run ``plan``: prompt KV first, then the rows; sample rows that complete their prompt."""
         for key in plan.evicted_prompts:
-            self._tails.pop(key, None)
+            tail = self._tails.pop(key, None)
+            if tail is not None:
+                self.tail_bytes -= tail[0].nbytes + tail[1].nbytes
         for rid in plan.finished_ids:
             self._generators.pop(rid, None)
         if plan.prompts_to_compute:
@@ -192,8 +195,9 @@ class ModelRunner:
         for entry, req in group:
             if entry.tail_len:
                 own = req.block_table[len(entry.full_blocks)]
-                self._tails[entry.key] = (self.pool.k[:, own, : entry.tail_len].clone(),
-                                          self.pool.v[:, own, : entry.tail_len].clone())
+                tail = (self.pool.k[:, own, : entry.tail_len].clone(), self.pool.v[:, own, : entry.tail_len].clone())
+                self._tails[entry.key] = tail
+                self.tail_bytes += tail[0].nbytes + tail[1].nbytes
 
     def _copy_tail(self, key: str, block: int) -> None:
         """Copy a cached prompt's tail ``[L, r, KVH, D]`` into positions ``0..r-1`` of ``block``."""
@@ -202,7 +206,3 @@ class ModelRunner:
         self.pool.k[:, block, :r] = k
         self.pool.v[:, block, :r] = v
 
-    @property
-    def tail_bytes(self) -> int:
-        """Bytes of prompt tails kept outside the pool."""
-        return sum(k.nbytes + v.nbytes for k, v in self._tails.values())
