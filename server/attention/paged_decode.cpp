@@ -91,7 +91,7 @@ inline v8 exp_nonpos8(v8 x) {
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
   const i8 e = (__builtin_convertvector(fx, i8) + 127) << 23;
-  return y * reinterpret_cast<const v8&>(e);
+  return y * __builtin_bit_cast(v8, e);
 }
 
 struct Args {
