@@ -177,9 +177,15 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             entry, created = None, False
-            if req.num_shared_prefix > 0:
+            p = req.num_shared_prefix
+            if p > 0 and req.soft_prompt.sha256 not in self.prompt_cache:
+                # a miss needs the prompt's full blocks and the request's own: make room for both or evict nothing
+                own = self.pool.blocks_for(p + min(req.num_tokens - p, budget)) - p // self.pool.block_size
+                if not self.prompt_cache.make_room(p // self.pool.block_size + own):
+                    break
+            if p > 0:
                 try:
-                    entry, created = self.prompt_cache.acquire(req.soft_prompt.sha256, req.num_shared_prefix)
+                    entry, created = self.prompt_cache.acquire(req.soft_prompt.sha256, p)
                 except BlockPoolExhausted:
                     break
             start = entry.num_tokens if entry is not None else 0

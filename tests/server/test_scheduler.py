@@ -582,3 +582,23 @@ def test_a_request_that_fits_ever_runs_alone():
     for _ in range(4):
         step(s)
     assert r.status.is_finished and c.status.is_finished
+
+
+def test_a_blocked_admission_of_a_new_prompt_evicts_nothing():
+    """A new prompt whose full blocks would fit after evicting an unused cached prompt, but not together with the
+    request's own blocks, leaves the cache as it was (no wasted eviction), and the request waits."""
+    s = sched(num_blocks=4)
+    old = prompt(5)  # 4 shared positions: one full block, cached and unused after its request finishes
+    r0 = req("r0", nt=1, mn=1, sp=old)
+    s.add(r0)
+    step(s)
+    assert r0.status.is_finished and old.sha256 in s.prompt_cache and s.pool.num_free == 3
+    blocker = req("blocker", nt=11, mn=1)  # 12 positions: all 3 free blocks
+    s.add(blocker)
+    s.schedule()
+    assert s.pool.num_free == 0
+    new = req("new", nt=1, mn=1, sp=prompt(5, seed=9))  # 1 full block + 1 own: 2 > 0 free + 1 unused
+    s.add(new)
+    plan = s.schedule()
+    assert new not in plan.admitted and new.status == new.status.WAITING
+    assert old.sha256 in s.prompt_cache and plan.evicted_prompts == [] and s.pool.num_free == 0
