@@ -129,21 +129,23 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the loop (waiting up to ``timeout`` seconds for its step to end); pending requests finish with an
-        error."""
+        error. If the step outlasts the timeout, their streams still get the error at once, and the loop, which
+        still owns the requests, exits after that step."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
         elif self._entered:
             self._done.wait(timeout)
-        self._done.set()  # a loop never entered counts as ended
+        if not self._entered:
+            self._done.set()  # a loop never entered counts as ended
         self.metrics.engine_alive.set(0)
         self._fail_all(EngineDeadError("engine stopped"))
 
     @property
     def alive(self) -> bool:
-        """Started, its loop not ended, and no error."""
-        return self._started and not self._done.is_set() and self.error is None
+        """Started, not stopped, its loop not ended, and no error."""
+        return self._started and not self._stop.is_set() and not self._done.is_set() and self.error is None
 
     # ------------------------------------------------------------------ front (any thread)
     def check(self, request: Request) -> None:
@@ -270,15 +272,20 @@ class Engine:
         deliver(items)
 
     def _fail_all(self, exc: BaseException) -> None:
+        """Close every open stream with an error output. Request state is only touched once the loop has ended
+        (or never ran): a loop still inside a step (``stop`` timed out) owns its requests, and its outputs find no
+        stream any more."""
         with self._lock:
             self._dead = True
             streams = list(self._streams.values())
             self._streams.clear()
+        loop_over = self._done.is_set() or not self._entered
         for s in streams:
             req = s.request
-            if not req.status.is_finished:
+            if loop_over and not req.status.is_finished:
                 req.status = RequestStatus.FINISHED_ERROR
                 req.finish_time = time.monotonic()
-            s.put(make_output(req, error=str(exc)))
+            s.put(RequestOutput(req.request_id, (), "", True, "error", len(req.prompt_token_ids),
+                                req.num_virtual_tokens, len(req.output_token_ids), None, str(exc)))
         self.metrics.running.set(0)
         self.metrics.waiting.set(0)

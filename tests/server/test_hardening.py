@@ -4,6 +4,8 @@ starved by a long chunked prefill, and submissions racing the engine's death."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from srv_helpers import Spec, make_engine, make_prompt, new_request, raw_bytes, run_alone, run_sync
@@ -151,3 +153,30 @@ def test_prompt_with_values_overflowing_fp16_is_refused_by_the_server(make_clien
     assert r.status_code == 201, r.text
     assert client.app.state.sp.store.limits.model_dtype == tiny_loaded.dtype
     assert make_prompt("big", t).num_virtual_tokens == 3
+
+
+def test_stop_during_a_long_step_fails_streams_but_leaves_requests_to_the_loop(tiny_loaded, monkeypatch):
+    """``stop`` whose wait times out while a step runs: every stream gets its error at once, the request's state
+    is not touched from the stopping thread (the loop owns it), and the loop exits after that step."""
+    engine = make_engine(tiny_loaded)
+    entered, release = threading.Event(), threading.Event()
+    real = engine.runner.execute
+
+    def slow(plan):
+        entered.set()
+        release.wait(30)
+        return real(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", slow)
+    engine.start()
+    req = new_request(Spec([5, 6, 7], None, 50))
+    stream = engine.submit(req)
+    assert entered.wait(30)
+    engine.stop(timeout=0.2)
+    outs = list(stream.iter_sync(timeout=5))
+    assert outs[-1].finished and outs[-1].finish_reason == "error" and "engine stopped" in outs[-1].error
+    assert req.status == RequestStatus.RUNNING  # still the loop's, mid-step
+    assert not engine.alive
+    release.set()
+    engine._thread.join(30)
+    assert not engine._thread.is_alive()
