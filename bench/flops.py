@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from server.kv_pool import model_kv_shape
+
 PEAK_SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576))
 
 
@@ -49,11 +51,9 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
-        heads = int(cfg.num_attention_heads)
-        head_dim = getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads
-        return cls(hidden=int(cfg.hidden_size), intermediate=int(cfg.intermediate_size),
-                   layers=int(cfg.num_hidden_layers), heads=heads,
-                   kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=int(head_dim),
+        layers, kv_heads, head_dim = model_kv_shape(cfg)
+        return cls(hidden=int(cfg.hidden_size), intermediate=int(cfg.intermediate_size), layers=layers,
+                   heads=int(cfg.num_attention_heads), kv_heads=kv_heads, head_dim=head_dim,
                    vocab=int(cfg.vocab_size))
 
     @property

@@ -285,7 +285,6 @@ class Engine:
             if loop_over and not req.status.is_finished:
                 req.status = RequestStatus.FINISHED_ERROR
                 req.finish_time = time.monotonic()
-            s.put(RequestOutput(req.request_id, (), "", True, "error", len(req.prompt_token_ids),
-                                req.num_virtual_tokens, len(req.output_token_ids), None, str(exc)))
+            s.put(make_output(req, error=str(exc)))
         self.metrics.running.set(0)
         self.metrics.waiting.set(0)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from server.attention.backend import AttentionBackend, write_kv
 from server.attention.metadata import AttentionMetadata
+from server.kv_pool import model_kv_shape
 
 #: Per model (weakly held, so a model's copies and its garbage collection are unaffected): fused weights, and the
 #: :class:`Linear` objects per ``packed_weights`` setting.
@@ -101,8 +102,7 @@ class LlamaLayers:
         self.lm_head = hf_model.lm_head
         self.backend = backend
         self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        _, self.num_kv_heads, self.head_dim = model_kv_shape(cfg)
         self.layers = list(self.base.layers)
         fused = _FUSED.get(hf_model)  # fused once per model, shared by every runner
         if fused is None:

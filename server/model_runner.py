@@ -169,8 +169,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ prompt KV
     def _compute_prompts(self, todo: list) -> None:
         """Compute each new prompt's KV alone at positions ``0..p-1`` into its full blocks and (the tail) the
-        creating request's first own block,
-        in packed passes of at most ``PROMPT_PASS_TOKENS`` positions, then keep each tail as a tensor."""
+        creating request's first own block, in packed passes of at most ``PROMPT_PASS_TOKENS`` positions, then keep
+        each tail as a tensor."""
         group: list = []
         used = 0
         for entry, req in todo:
@@ -183,18 +183,17 @@ class ModelRunner:
             self._prompt_pass(group)
 
     def _prompt_pass(self, group: list) -> None:
-        specs, embs = [], []
+        specs, embs, owns = [], [], []
         for entry, req in group:
             own = req.block_table[len(entry.full_blocks)]  # the creating request's first own block gets the tail
-            blocks = list(entry.full_blocks) + ([own] if entry.tail_len else [])
-            specs.append(RowSpec(blocks, 0, entry.num_tokens))
+            owns.append(own)
+            specs.append(RowSpec(list(entry.full_blocks) + ([own] if entry.tail_len else []), 0, entry.num_tokens))
             embs.append(req.soft_prompt.embeddings[: entry.num_tokens].to(device=self.device, dtype=self.dtype))
         order = sorted(range(len(specs)), key=lambda i: specs[i].num_tokens > 1)  # one-token rows first
         meta = build_metadata([specs[i] for i in order], self.pool.block_size, self.device)
         self.model.forward(torch.cat([embs[i] for i in order]), meta, self.pool.k, self.pool.v)
-        for entry, req in group:
+        for (entry, _), own in zip(group, owns, strict=True):
             if entry.tail_len:
-                own = req.block_table[len(entry.full_blocks)]
                 tail = (self.pool.k[:, own, : entry.tail_len].clone(), self.pool.v[:, own, : entry.tail_len].clone())
                 self._tails[entry.key] = tail
                 self.tail_bytes += tail[0].nbytes + tail[1].nbytes

@@ -43,11 +43,13 @@ class RequestOutput:
 
 
 def make_output(req: Request, new: tuple[int, ...] = (), text: str = "", error: str | None = None) -> RequestOutput:
-    """The :class:`RequestOutput` of ``req`` as it stands."""
+    """The :class:`RequestOutput` of ``req`` as it stands; with ``error``, a final output with finish reason
+    "error" whatever the request's status."""
     ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+    finished, reason = (True, "error") if error is not None else (req.status.is_finished, req.status.finish_reason)
     return RequestOutput(
-        req.request_id, new, text, req.status.is_finished, req.status.finish_reason, len(req.prompt_token_ids),
-        req.num_virtual_tokens, len(req.output_token_ids), ttft, error,
+        req.request_id, new, text, finished, reason, len(req.prompt_token_ids), req.num_virtual_tokens,
+        len(req.output_token_ids), ttft, error,
     )
 
 
