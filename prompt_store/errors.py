@@ -4,7 +4,8 @@ from __future__ import annotations
 
 #: Every reason code :class:`PromptError` is raised with, and what it means.
 REASONS: dict[str, str] = {
-    "bad_shape": "the tensor is not 2-D [num_virtual_tokens, hidden_size], or its sizes are out of range",
+    "bad_shape": "the tensor is not 2-D [num_virtual_tokens, width] with the model's width (hidden size; for prefix "
+    "tuning layers x 2 x KV heads x head size), or its sizes are out of range",
     "bad_dtype": "the tensor dtype is not float16, bfloat16 or float32",
     "non_finite": "the tensor holds NaN or infinite values",
     "too_large": "a file, an upload or an archive's contents exceed the byte limit",

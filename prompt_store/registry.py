@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from prompt_store.formats import ALLOWED_DTYPES, ParsedPrompt, validate_task_name
+from prompt_store.formats import ALLOWED_DTYPES, PREFIX_TUNING, ParsedPrompt, validate_task_name
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -34,16 +34,18 @@ class SoftPrompt:
 
     Attributes:
         task: task name (matches :data:`prompt_store.formats.TASK_NAME_RE`).
-        embeddings: ``[num_virtual_tokens, hidden_size]``, CPU, contiguous, dtype as stored. Read-only by
-            convention: never modify it in place (requests holding this object rely on it).
+        embeddings: ``[num_virtual_tokens, width]``, CPU, contiguous, dtype as stored: input embeddings
+            (``width`` = the model's hidden size) or, for ``PREFIX_TUNING``, per-layer keys and values (``width =
+            num_layers * 2 * num_key_value_heads * head_dim``). Read-only by convention: never modify it in place
+            (requests holding this object rely on it).
         num_virtual_tokens: ``embeddings.shape[0]``.
-        hidden_size: ``embeddings.shape[1]``.
+        hidden_size: ``embeddings.shape[1]``, the row width (the KV width above for prefix tuning).
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
         sha256: :func:`tensor_sha256` of ``embeddings`` (dtype name + shape + raw bytes).
         version: per task, 1 for the first content, +1 on every change of content; never goes backwards for a
             task within the process, even across remove and re-add.
         source: the file or directory path it was loaded from, or ``"upload"`` for in-memory uploads.
-        peft_type: ``"PROMPT_TUNING"``, ``"P_TUNING"`` or ``"RAW"``.
+        peft_type: ``"PROMPT_TUNING"``, ``"P_TUNING"``, ``"PREFIX_TUNING"`` or ``"RAW"``.
         loaded_at: when this content was registered, unix seconds.
         nbytes: bytes of ``embeddings`` (``numel * element_size``).
     """
@@ -59,6 +61,11 @@ class SoftPrompt:
     peft_type: str
     loaded_at: float
     nbytes: int
+
+    @property
+    def is_prefix(self) -> bool:
+        """Whether the rows are per-layer KV (prefix tuning): the virtual tokens then have no input position."""
+        return self.peft_type == PREFIX_TUNING
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able metadata: every attribute except ``embeddings``."""

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
-from prompt_store.formats import Limits
 from prompt_store.registry import PromptRegistry, SoftPrompt
 from prompt_store.store import PromptStore
 from server import __version__
@@ -57,7 +56,7 @@ class AppState:
         self.store = PromptStore(
             s.prompts,
             self.registry,
-            Limits(self.loaded.hidden_size, s.max_virtual_tokens, s.max_prompt_bytes, model_dtype=self.loaded.dtype),
+            self.loaded.prompt_limits(s.max_virtual_tokens, s.max_prompt_bytes),
             on_load=self._on_load,
             on_error=self._on_error,
         )

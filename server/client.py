@@ -102,7 +102,7 @@ class SoftpromptClient:
                     event = None
 
     def tasks(self) -> list[dict]:
-        """The servable tasks: ``[{"task", "num_virtual_tokens", "version"}]``."""
+        """The servable tasks: ``[{"task", "num_virtual_tokens", "version", "peft_type", "nbytes"}]``."""
         resp = self._http.get("/v1/tasks")
         _raise_for(resp)
         return resp.json()["tasks"]

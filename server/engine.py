@@ -152,14 +152,17 @@ class Engine:
         """Refuse what can never run.
 
         Raises:
-            RequestRejectedError: no position to generate from (empty text and no soft prompt), or virtual + text
+            RequestRejectedError: no position to generate from (empty text with no soft prompt or with a
+                prefix-tuning prompt: :func:`server.request.cached_prompt_positions`), or virtual + text
                 + max_new_tokens exceeds the model's context or the KV pool.
         """
         nv, nt, mn = request.num_virtual_tokens, len(request.prompt_token_ids), request.params.max_new_tokens
-        if nv + nt == 0:
+        if request.num_input_positions == 0:
+            who = ("a prefix-tuned task's virtual tokens are KV only, with no input position, so its requests need"
+                   if request.soft_prompt is not None else "a request with no soft prompt needs")
             raise RequestRejectedError(
-                "empty input: a request with no soft prompt needs at least one token, "
-                "and the tokenizer added none (no BOS token) for this input", "empty_input",
+                f"empty input: {who} at least one text token, and the tokenizer added none (no BOS token) for "
+                "this input", "empty_input",
             )
         total = nv + nt + mn
         if total > self.max_context:

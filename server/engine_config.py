@@ -17,7 +17,8 @@ class EngineConfig:
         prompt_kv_cache_bytes: budget for soft prompts' shared virtual-token KV kept while no request uses it,
             bytes; the pool is sized to hold this on top of ``kv_cache_bytes``. The default (1 GiB) holds 1,226
             SmolLM2-135M fp32 prompts of 20 virtual tokens: each keeps 19 positions x 46,080 bytes = 855 KiB. For
-            another model, one prompt costs ``(n - 1) * 2 * layers * kv_heads * head_dim * dtype_bytes``.
+            another model, one prompt costs ``(n - 1) * 2 * layers * kv_heads * head_dim * dtype_bytes`` (``n``
+            instead of ``n - 1`` for prefix tuning).
         block_size: token positions per KV block.
         max_virtual_tokens: largest soft prompt accepted, tokens.
         max_waiting: most queued requests before new ones are refused.

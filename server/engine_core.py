@@ -19,7 +19,7 @@ from server.model_loader import LoadedModel
 from server.model_runner import ModelRunner
 from server.outputs import OutputProcessor, RequestOutput, make_output
 from server.prompt_cache import PromptKVCache
-from server.request import Request, RequestStatus, SamplingParams
+from server.request import Request, RequestStatus, SamplingParams, cached_prompt_positions
 from server.scheduler import Scheduler, SchedulerOutput
 
 
@@ -77,7 +77,7 @@ class EngineCore:
     def queue_prefetch(self, prompt) -> None:
         """Compute ``prompt``'s virtual-token KV (a :class:`~prompt_store.registry.SoftPrompt`) when the engine is
         idle, so its first request does not pay for it. Best effort: see :meth:`prefetch_some`."""
-        if prompt.num_virtual_tokens > 1:
+        if cached_prompt_positions(prompt) > 0:
             self._prefetch[prompt.sha256] = prompt
 
     @property
@@ -92,7 +92,7 @@ class EngineCore:
         todo, temp = [], []
         while self._prefetch and len(todo) < max_prompts and not self.scheduler.has_work():
             key, prompt = self._prefetch.popitem(last=False)
-            n = prompt.num_virtual_tokens - 1
+            n = cached_prompt_positions(prompt)
             full, tail = divmod(n, pool.block_size)
             if key in cache:
                 continue

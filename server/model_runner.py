@@ -8,9 +8,11 @@ in one batch (:mod:`server.sampler`).
 
 How per-row virtual tokens enter the batch (README, "Design"): rows are *packed*, not padded. A row's virtual
 tokens are positions ``0..n-1`` of its sequence and its text starts at ``n``; there is never padding between them,
-so a row's result does not depend on its neighbours (design notes, section 2). Virtual tokens enter as embeddings
-(the soft prompt's rows replace the embedding lookup at those positions). The first ``n-1`` are served from the
-shared prompt-KV blocks (:mod:`server.prompt_cache`); the last is computed with the text.
+so a row's result does not depend on its neighbours (design notes, section 2). An embedding prompt's virtual tokens
+enter as embeddings (the soft prompt's rows replace the embedding lookup at those positions): the first ``n-1``
+are served from the shared prompt-KV blocks (:mod:`server.prompt_cache`), the last is computed with the text. A
+prefix prompt's virtual tokens are its keys and values, written once into shared blocks (:func:`prefix_kv`); its
+requests compute only their text.
 """
 
 from __future__ import annotations
@@ -33,6 +35,27 @@ log = logging.getLogger(__name__)
 
 #: Most prompt positions computed in one packed pass when many new prompts arrive at once.
 PROMPT_PASS_TOKENS = 4096
+
+
+def prefix_kv(prefix: torch.Tensor, num_layers: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a prefix-tuning tensor into per-layer keys and values.
+
+    PEFT 0.21's layout (``PeftModel.get_prompt``): the row of virtual token ``i`` reshapes to
+    ``[2 * num_layers, num_kv_heads, head_dim]``, where block ``2l`` is layer ``l``'s key and ``2l + 1`` its value.
+    The keys are used by PEFT as the attention cache holds them, with no rotary embedding applied, i.e. as if at
+    position 0: so they are written to the pool (which holds keys after rotation) unchanged, and the request's
+    text takes positions from ``n``. ``tests/server/test_prefix_tuning.py`` checks this against PEFT's forward.
+
+    Args:
+        prefix: ``[n, num_layers * 2 * num_kv_heads * head_dim]``.
+        num_layers, num_kv_heads: the model's.
+
+    Returns:
+        ``(k, v)``, each ``[num_layers, n, num_kv_heads, head_dim]`` views of ``prefix``.
+    """
+    n = prefix.shape[0]
+    x = prefix.view(n, num_layers, 2, num_kv_heads, -1).permute(2, 1, 0, 3, 4)  # [2, L, n, KVH, D]
+    return x[0], x[1]
 
 
 @dataclass
@@ -168,12 +191,16 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ prompt KV
     def _compute_prompts(self, todo: list) -> None:
-        """Compute each new prompt's KV alone at positions ``0..p-1`` into its full blocks and (the tail) the
-        creating request's first own block, in packed passes of at most ``PROMPT_PASS_TOKENS`` positions, then keep
-        each tail as a tensor."""
+        """Fill each new prompt's KV for positions ``0..p-1`` into its full blocks and (the tail) the creating
+        request's first own block, then keep each tail as a tensor. Prefix prompts are KV already and are written
+        as they are (:func:`prefix_kv`); embedding prompts are computed alone, in packed passes of at most
+        ``PROMPT_PASS_TOKENS`` positions."""
         group: list = []
         used = 0
         for entry, req in todo:
+            if req.soft_prompt.is_prefix:
+                self._write_prefix(entry, req)
+                continue
             if group and used + entry.num_tokens > PROMPT_PASS_TOKENS:
                 self._prompt_pass(group)
                 group, used = [], 0
@@ -193,10 +220,28 @@ class ModelRunner:
         meta = build_metadata([specs[i] for i in order], self.pool.block_size, self.device)
         self.model.forward(torch.cat([embs[i] for i in order]), meta, self.pool.k, self.pool.v)
         for (entry, _), own in zip(group, owns, strict=True):
-            if entry.tail_len:
-                tail = (self.pool.k[:, own, : entry.tail_len].clone(), self.pool.v[:, own, : entry.tail_len].clone())
-                self._tails[entry.key] = tail
-                self.tail_bytes += tail[0].nbytes + tail[1].nbytes
+            self._keep_tail(entry, own)
+
+    def _write_prefix(self, entry, req) -> None:
+        """Write a prefix prompt's keys and values for positions ``0..p-1`` into the entry's full blocks and the
+        creating request's first own block (the tail), cast to the pool's dtype, then keep the tail."""
+        k, v = prefix_kv(req.soft_prompt.embeddings, self.pool.k.shape[0], self.pool.k.shape[-2])
+        k, v = (t.to(device=self.device, dtype=self.pool.k.dtype) for t in (k, v))
+        bs = self.pool.block_size
+        own = req.block_table[len(entry.full_blocks)] if entry.tail_len else None
+        for i, block in enumerate([*entry.full_blocks, *([own] if own is not None else [])]):
+            lo, hi = i * bs, min((i + 1) * bs, entry.num_tokens)
+            self.pool.k[:, block, : hi - lo] = k[:, lo:hi]
+            self.pool.v[:, block, : hi - lo] = v[:, lo:hi]
+        if own is not None:
+            self._keep_tail(entry, own)
+
+    def _keep_tail(self, entry, own: int) -> None:
+        """Keep the tail of a freshly filled entry (positions ``0..tail_len-1`` of block ``own``) as tensors."""
+        if entry.tail_len:
+            tail = (self.pool.k[:, own, : entry.tail_len].clone(), self.pool.v[:, own, : entry.tail_len].clone())
+            self._tails[entry.key] = tail
+            self.tail_bytes += tail[0].nbytes + tail[1].nbytes
 
     def _copy_tail(self, key: str, block: int) -> None:
         """Copy a cached prompt's tail ``[L, r, KVH, D]`` into positions ``0..r-1`` of ``block``."""

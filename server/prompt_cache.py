@@ -2,8 +2,10 @@
 
 A soft prompt of ``n`` virtual tokens contributes KV for positions ``0..n-1`` that does not depend on the
 request: the prompt run alone (design notes, section 2: the KV-prefix form of a soft prompt reproduces PEFT's
-logits to ~1e-7). The cache keeps the KV of the first ``p = n - 1`` positions; the last virtual token is computed
-with each request's text, so a request with empty text still has an input position for its first logits.
+logits to ~1e-7). For an embedding prompt the cache keeps the KV of the first ``p = n - 1`` positions; the last
+virtual token is computed with each request's text, so a request with empty text still has an input position for
+its first logits. A prefix-tuning prompt is KV already: its entry holds all ``p = n`` positions
+(:func:`server.request.cached_prompt_positions`).
 
 Layout of one entry (:class:`PromptKV`), ``bs`` = block size:
 - ``p // bs`` *full blocks* in the paged KV pool, read-only and shared: every running request of that prompt
@@ -33,7 +35,7 @@ class PromptKV:
 
     Attributes:
         key: content hash of the prompt.
-        num_tokens: cached positions ``p`` (all virtual tokens but the last).
+        num_tokens: cached positions ``p`` (all virtual tokens but the last; all of them for prefix tuning).
         full_blocks: ``p // block_size`` shared pool blocks holding positions ``0..len*bs-1``.
         tail_len: ``p % block_size`` positions kept outside the pool.
         computed: whether the runner has filled the blocks and the tail.

@@ -20,6 +20,19 @@ if TYPE_CHECKING:
 GREEDY_BELOW = 1e-5
 
 
+def cached_prompt_positions(prompt: SoftPrompt | None) -> int:
+    """Virtual positions of ``prompt`` served from the shared prompt-KV cache.
+
+    An embedding prompt (prompt tuning, p-tuning, RAW) of ``n`` virtual tokens: ``n - 1``; the last virtual token
+    is computed with each request's text, so a request with empty text still has an input position. A prefix
+    prompt (prefix tuning): all ``n``; its virtual tokens are pure KV with no input position, so its requests need
+    at least one text token. No prompt: 0.
+    """
+    if prompt is None:
+        return 0
+    return prompt.num_virtual_tokens if prompt.is_prefix else max(prompt.num_virtual_tokens - 1, 0)
+
+
 class RequestStatus(enum.IntEnum):
     """Ordered: every status greater than RUNNING is finished. A preempted request goes back to WAITING."""
 
@@ -132,8 +145,14 @@ class Request:
 
     @property
     def num_shared_prefix(self) -> int:
-        """Virtual positions served from the prompt-KV cache: all but the last one (0 without a prompt)."""
-        return max(self.num_virtual_tokens - 1, 0)
+        """Virtual positions served from the prompt-KV cache (:func:`cached_prompt_positions`)."""
+        return cached_prompt_positions(self.soft_prompt)
+
+    @property
+    def num_input_positions(self) -> int:
+        """Prompt positions the request computes itself (text, plus the last virtual token of an embedding
+        prompt); 0 means there is no position to take first logits from."""
+        return self.num_prompt_positions - self.num_shared_prefix
 
     def token_ids_for(self, start: int, end: int) -> list[int]:
         """Token ids of positions ``[start, end)``; virtual positions read as 0 (their embeddings come from the

@@ -1,9 +1,10 @@
 """Generation and task listing: ``POST /v1/tasks/{task}/generate``, ``POST /v1/generate``, ``GET /v1/tasks``.
 
 Input text is tokenized with the tokenizer's defaults and nothing else is added: the task's virtual tokens come
-first (positions ``0..n-1``), then the text. A request with an empty input is served when the task has a soft
-prompt (the virtual tokens alone are the prompt) or the tokenizer adds a BOS token; with no position at all it
-gets a 422.
+first (positions ``0..n-1``), then the text. A request with an empty input is served when the task has a prompt-
+tuning or p-tuning prompt (the virtual tokens alone are the prompt) or the tokenizer adds a BOS token; a prefix-
+tuned task's virtual tokens are KV only, so an empty input to it, like an empty input with no task, gets a 422
+``empty_input``.
 """
 
 from __future__ import annotations
@@ -113,5 +114,5 @@ async def generate_base(body: GenerateRequest, state: State, engine: EngineDep, 
 @router.get("/v1/tasks", response_model=TaskList)
 async def list_tasks(state: State) -> TaskList:
     """The servable tasks, sorted by name."""
-    return TaskList(tasks=[TaskInfo(task=p.task, num_virtual_tokens=p.num_virtual_tokens, version=p.version)
-                           for p in state.registry.list()])
+    return TaskList(tasks=[TaskInfo(task=p.task, num_virtual_tokens=p.num_virtual_tokens, version=p.version,
+                                    peft_type=p.peft_type, nbytes=p.nbytes) for p in state.registry.list()])

@@ -107,7 +107,8 @@ async def list_models(state: State, engine: EngineDep) -> dict:
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "softprompt-server"}]
     for p in state.registry.list():
         data.append({"id": p.task, "object": "model", "created": int(p.loaded_at), "owned_by": "softprompt-server",
-                     "root": base, "parent": base, "num_virtual_tokens": p.num_virtual_tokens, "version": p.version})
+                     "root": base, "parent": base, "num_virtual_tokens": p.num_virtual_tokens, "version": p.version,
+                     "peft_type": p.peft_type, "nbytes": p.nbytes})
     return {"object": "list", "data": data}
 
 

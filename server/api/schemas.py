@@ -27,7 +27,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str = Field(..., description="Text the task's virtual tokens are prepended to. May be empty "
-                        "when the task has a soft prompt.")
+                        "when the task has a prompt-tuning or p-tuning prompt (not a prefix-tuning one).")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = Field(False, description="Return Server-Sent Events, one per text delta.")
 
@@ -50,6 +50,8 @@ class TaskInfo(BaseModel):
     task: str
     num_virtual_tokens: int
     version: int
+    peft_type: str = Field(description="PROMPT_TUNING, P_TUNING, PREFIX_TUNING or RAW (input embeddings).")
+    nbytes: int = Field(description="Bytes of the prompt tensor as stored.")
 
 
 class TaskList(BaseModel):

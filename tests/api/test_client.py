@@ -75,7 +75,8 @@ def test_upload_safetensors_serve_list_get_replace_delete(sp, tmp_path, tiny_loa
     meta = sp.upload("summarize", path)
     assert meta["action"] == "created" and meta["version"] == 1
     assert meta["num_virtual_tokens"] == 4 and meta["task"] == "summarize"
-    assert sp.tasks() == [{"task": "summarize", "num_virtual_tokens": 4, "version": 1}]
+    assert sp.tasks() == [{"task": "summarize", "num_virtual_tokens": 4, "version": 1, "peft_type": "RAW",
+                          "nbytes": 4 * 64 * 4}]
 
     out = sp.generate("summarize", "Some text", max_new_tokens=8)
     assert out["generated_text"] == _reference_text(tiny_loaded, greedy_ref, decode, "Some text", emb, 8)
@@ -111,7 +112,8 @@ def test_upload_peft_adapter_directory(sp, peft_adapter, tiny_loaded, greedy_ref
     meta = sp.upload("peft-task", directory)
     assert meta["action"] == "created"
     assert meta["num_virtual_tokens"] == 5 and meta["peft_type"] == "PROMPT_TUNING"
-    assert sp.tasks() == [{"task": "peft-task", "num_virtual_tokens": 5, "version": 1}]
+    assert sp.tasks() == [{"task": "peft-task", "num_virtual_tokens": 5, "version": 1,
+                          "peft_type": "PROMPT_TUNING", "nbytes": 5 * 64 * 4}]
     out = sp.generate("peft-task", "Translate this", max_new_tokens=8)
     assert out["generated_text"] == _reference_text(tiny_loaded, greedy_ref, decode, "Translate this", emb, 8)
     assert sp.upload("peft-task", directory)["action"] == "unchanged"
@@ -194,7 +196,8 @@ def test_cli_upload_peft_directory_and_token_from_env(srv, sp, peft_adapter, cap
     monkeypatch.setenv("SOFTPROMPT_ADMIN_TOKEN", srv.admin_token)
     assert cli_main(["upload", str(directory), "--task", "adapter-task", "--server", srv.url]) == 0
     assert capsys.readouterr().out.strip() == "adapter-task: created, version 1, 5 virtual tokens"
-    assert sp.tasks() == [{"task": "adapter-task", "num_virtual_tokens": 5, "version": 1}]
+    assert sp.tasks() == [{"task": "adapter-task", "num_virtual_tokens": 5, "version": 1,
+                          "peft_type": "PROMPT_TUNING", "nbytes": 5 * 64 * 4}]
 
 
 def test_cli_upload_failures_return_nonzero(srv, sp, tmp_path, capsys, rand_embeddings, monkeypatch):

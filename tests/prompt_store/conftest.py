@@ -22,8 +22,9 @@ HIDDEN = 64
 
 @pytest.fixture
 def limits() -> Limits:
-    """Limits for the tiny test model: hidden size 64, 128 virtual tokens, 16 MiB."""
-    return Limits(hidden_size=HIDDEN)
+    """Limits for the tiny test model: hidden size 64, 2 layers, 2 KV heads of size 16 (prefix width 128), 128
+    virtual tokens, 16 MiB."""
+    return Limits(hidden_size=HIDDEN, num_layers=2, num_key_value_heads=2, head_dim=HIDDEN // 4)
 
 
 @pytest.fixture
@@ -109,7 +110,8 @@ def wait_for() -> Callable[..., float]:
 def peft_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real PEFT 0.21 ``save_pretrained`` directories for a tiny random LlamaForCausalLM (hidden 64).
 
-    Keys: ``"PROMPT_TUNING"`` (8 virtual tokens), ``"P_TUNING"`` (6, MLP encoder), ``"PREFIX_TUNING"`` (5).
+    Keys: ``"PROMPT_TUNING"`` (8 virtual tokens), ``"P_TUNING"`` (6, MLP encoder), ``"PREFIX_TUNING"`` (5),
+    ``"PREFIX_PROJECTION"`` (7, with ``prefix_projection``).
     """
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -127,6 +129,8 @@ def peft_adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "PROMPT_TUNING": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
         "P_TUNING": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=32),
         "PREFIX_TUNING": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        "PREFIX_PROJECTION": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, prefix_projection=True,
+                                                encoder_hidden_size=24),
     }
     root = tmp_path_factory.mktemp("peft")
     out = {}

@@ -162,14 +162,14 @@ def test_peft_config_accepts_prompt_and_p_tuning():
     assert parse_peft_config(cfg(task_type=None))["task_type"] is None
 
 
-def test_prefix_tuning_is_not_supported_yet():
-    msg = refused("unsupported_peft_type", parse_peft_config, cfg(peft_type="PREFIX_TUNING"))
-    assert "PREFIX_TUNING is not supported yet" in msg
+def test_peft_config_accepts_prefix_tuning():
+    config = parse_peft_config(cfg(peft_type="PREFIX_TUNING", num_layers=2, num_attention_heads=2, token_dim=32))
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_layers"] == 2
 
 
 def test_lora_lists_supported_types():
     msg = refused("unsupported_peft_type", parse_peft_config, cfg(peft_type="LORA"))
-    assert "'LORA'" in msg and "PROMPT_TUNING or P_TUNING" in msg
+    assert "'LORA'" in msg and "PROMPT_TUNING, P_TUNING, PREFIX_TUNING" in msg
 
 
 def test_peft_config_other_refusals():

@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 from prompt_store.errors import PromptError
-from prompt_store.formats import load_path, parse_upload
+from prompt_store.formats import Limits, load_path, parse_upload
 from prompt_store.registry import PromptRegistry
 from prompt_store.store import PromptStore
 
@@ -50,11 +50,20 @@ def test_load_path_equals_what_peft_saved(peft_adapters, limits, peft_type, n):
     assert parsed.config == json.loads((adapter / "adapter_config.json").read_text())
 
 
-def test_real_prefix_tuning_adapter_is_not_supported_yet(peft_adapters, limits):
+@pytest.mark.parametrize("name, n", [("PREFIX_TUNING", 5), ("PREFIX_PROJECTION", 7)])
+def test_real_prefix_tuning_adapter_loads_what_peft_saved(peft_adapters, limits, name, n):
+    """PEFT saves the prefix (projected, when prefix_projection is on) as [n, layers * 2 * kv_heads * head_dim]."""
+    parsed = load_path(peft_adapters[name], limits)
+    assert parsed.peft_type == "PREFIX_TUNING" and parsed.is_prefix and parsed.num_virtual_tokens == n
+    assert parsed.embeddings.shape == (n, 2 * 2 * 2 * 16) and torch.equal(parsed.embeddings, saved(peft_adapters[name]))
+    config = json.loads((peft_adapters[name] / "adapter_config.json").read_text())
+    assert (config["num_layers"], config["num_attention_heads"], config["token_dim"]) == (2, 2, 32)  # KV heads
+
+
+def test_prefix_adapter_refused_without_the_model_kv_shape(peft_adapters):
     with pytest.raises(PromptError) as info:
-        load_path(peft_adapters["PREFIX_TUNING"], limits)
-    assert info.value.reason == "unsupported_peft_type"
-    assert "PREFIX_TUNING is not supported yet" in str(info.value)
+        load_path(peft_adapters["PREFIX_TUNING"], Limits(hidden_size=64))
+    assert info.value.reason == "unsupported_peft_type" and "KV shape" in str(info.value)
 
 
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "P_TUNING"])
@@ -93,7 +102,11 @@ def test_peft_dir_copied_into_store_directory_scans(peft_adapters, limits, tmp_p
     shutil.copytree(peft_adapters["PREFIX_TUNING"], tmp_path / "prefix-task")
     errors: list[tuple[str, str]] = []
     reg = PromptRegistry()
+    shutil.copytree(peft_adapters["PREFIX_TUNING"], tmp_path / "other-model-prefix")
+    config = json.loads((tmp_path / "other-model-prefix" / "adapter_config.json").read_text())
+    (tmp_path / "other-model-prefix" / "adapter_config.json").write_text(json.dumps({**config, "num_layers": 3}))
     counts = PromptStore(tmp_path, reg, limits, on_error=lambda e, x: errors.append((e, x.reason))).scan()
-    assert counts == {"loaded": 1, "errors": 1}
-    assert errors == [("prefix-task", "unsupported_peft_type")]
+    assert counts == {"loaded": 2, "errors": 1}
+    assert errors == [("other-model-prefix", "bad_shape")]
+    assert reg.get("prefix-task").peft_type == "PREFIX_TUNING"
     assert torch.equal(reg.get("pt-task").embeddings, saved(peft_adapters["PROMPT_TUNING"]))

@@ -107,14 +107,17 @@ def test_upload_raw_create_replace_unchanged(client, admin_headers, prompts_dir,
 
 @pytest.fixture(scope="module")
 def peft_dirs(tiny_loaded, tmp_path_factory) -> dict:
-    """Real PEFT adapters (PROMPT_TUNING, P_TUNING) on copies of the tiny model: ``{name: (model, dir)}``."""
-    from peft import PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+    """Real PEFT adapters (PROMPT_TUNING, P_TUNING, PREFIX_TUNING with projection) on copies of the tiny model:
+    ``{name: (model, dir)}``."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
     root = tmp_path_factory.mktemp("admin-peft")
     out = {}
     for i, (name, cfg) in enumerate({
         "pt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5),
         "ptune": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, encoder_hidden_size=16),
+        "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6, prefix_projection=True,
+                                     encoder_hidden_size=16),
     }.items()):
         torch.manual_seed(200 + i)
         pm = get_peft_model(copy.deepcopy(tiny_loaded.model), cfg).eval()
@@ -126,7 +129,8 @@ def peft_dirs(tiny_loaded, tmp_path_factory) -> dict:
 def test_upload_peft_zip_and_tar_gz_servable_at_once(client, admin_headers, prompts_dir, peft_dirs, tiny_loaded):
     ids = tiny_loaded.tokenizer("The answer is")["input_ids"]
     cases = [("pt", "adapter.zip", zip_dir(peft_dirs["pt"][1]), "PROMPT_TUNING", 5),
-             ("ptune", "adapter.tar.gz", tar_gz_dir(peft_dirs["ptune"][1]), "P_TUNING", 4)]
+             ("ptune", "adapter.tar.gz", tar_gz_dir(peft_dirs["ptune"][1]), "P_TUNING", 4),
+             ("prefix", "adapter.zip", zip_dir(peft_dirs["prefix"][1]), "PREFIX_TUNING", 6)]
     for name, filename, data, peft_type, n in cases:
         r = put(client, name, filename, data, admin_headers)
         assert r.status_code == 201, r.text
@@ -299,3 +303,23 @@ def test_uploaded_prompts_survive_a_restart(tiny_loaded, prompts_dir, make_clien
             r = gen(second, task)
             assert r.status_code == 200 and r.json()["generated_text"] == text
         assert gen(second, "raw").json()["generated_text"] == ref_text(tiny_loaded, P)
+
+
+def test_prefix_task_listed_with_its_kind_and_empty_input_refused(client, admin_headers, peft_dirs):
+    """/v1/tasks, /v1/models and the admin listing say each prompt's kind and size; an empty input to a prefix-tuned
+    task is a 422 empty_input (its virtual tokens have no input position), to a prompt-tuned one a 200."""
+    assert put(client, "prefix", "a.zip", zip_dir(peft_dirs["prefix"][1]), admin_headers).status_code == 201
+    assert put(client, "pt", "a.zip", zip_dir(peft_dirs["pt"][1]), admin_headers).status_code == 201
+    width = 2 * 2 * 2 * 16  # layers x (K, V) x KV heads x head size
+    tasks = {t["task"]: t for t in client.get("/v1/tasks").json()["tasks"]}
+    assert tasks["prefix"] == {"task": "prefix", "num_virtual_tokens": 6, "version": 1, "peft_type": "PREFIX_TUNING",
+                               "nbytes": 6 * width * 4}
+    assert (tasks["pt"]["peft_type"], tasks["pt"]["nbytes"]) == ("PROMPT_TUNING", 5 * 64 * 4)
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert (models["prefix"]["peft_type"], models["prefix"]["nbytes"]) == ("PREFIX_TUNING", 6 * width * 4)
+    admin = {p["task"]: p for p in listing(client, admin_headers)}
+    assert (admin["prefix"]["peft_type"], admin["prefix"]["hidden_size"]) == ("PREFIX_TUNING", width)
+    r = gen(client, "prefix", text="")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "empty_input"
+    assert "prefix-tuned" in r.json()["error"]["message"]
+    assert gen(client, "pt", text="").status_code == 200

@@ -143,8 +143,8 @@ def test_list_tasks(make_client, prompts_dir):
     r = client.get("/v1/tasks")
     assert r.status_code == 200
     assert r.json() == {"tasks": [
-        {"task": "alpha", "num_virtual_tokens": 12, "version": 1},
-        {"task": "zeta", "num_virtual_tokens": 3, "version": 1},
+        {"task": "alpha", "num_virtual_tokens": 12, "version": 1, "peft_type": "RAW", "nbytes": 12 * 64 * 4},
+        {"task": "zeta", "num_virtual_tokens": 3, "version": 1, "peft_type": "RAW", "nbytes": 3 * 64 * 4},
     ]}
 
 

@@ -80,6 +80,22 @@ def test_request_positions_with_virtual_tokens():
     base = req("b", nt=2)
     assert base.num_virtual_tokens == 0 and base.num_shared_prefix == 0
     assert req("c", nt=2, sp=prompt(1)).num_shared_prefix == 0  # the only virtual token is computed with the text
+    assert req("c", nt=2, sp=prompt(1)).num_input_positions == 3
+    assert req("e", nt=0, sp=prompt(3)).num_input_positions == 1
+
+
+def test_prefix_prompt_is_all_shared_and_its_text_starts_after_it():
+    """A prefix-tuning prompt's virtual tokens are all served from the prompt-KV cache: admission starts the row at
+    position n, and with empty text there is no input position."""
+    pfx = make_prompt("pfx", rand_tensor(6, seed=3, hidden=4), "PREFIX_TUNING")
+    r = req("p", nt=3, mn=2, sp=pfx)
+    assert (r.num_shared_prefix, r.num_input_positions) == (6, 3)
+    assert req("q", nt=0, sp=pfx).num_input_positions == 0
+    s = sched()
+    s.add(r)
+    plan = s.schedule()
+    assert [(row.start, row.num_tokens) for row in plan.rows] == [(6, 3)]
+    assert r.prompt_kv.num_tokens == 6 and plan.prompts_to_compute == [(r.prompt_kv, r)]
 
 
 # ------------------------------------------------------------------------------------------------ admission
