@@ -17,9 +17,9 @@ Three files per task:
 * ``test_ood.jsonl`` (``N_OOD`` rows, the *out-of-template* test set): the same task and answer format, drawn only
   from the held-out ``"ood"`` lists: wordings and sentence shapes no training row uses, person names, cities,
   teams and companies absent from the training lists, headline templates absent from training; dates with years
-  outside the training range (training 1950-2049; out-of-template 1600-1949 and 2050-2399); quantities with three
-  decimals (training has at most two) or an integer part of 1000-9999 (training: 0-999). Each of these is
-  asserted on the rows written: the held-out lists are disjoint from the training lists, no training name,
+  outside the training range (training 1700-2099, four centuries, so that a prompt learns to copy the century;
+  out-of-template 1000-1699 and 2100-2599); quantities with three decimals (training has at most two) or an
+  integer part of 1000-9999 (training: 0-999). Each of these is asserted on the rows written: the held-out lists are disjoint from the training lists, no training name,
   city, team or company occurs in an out-of-template input and vice versa, every out-of-template year and number
   lies outside the training ranges, and no out-of-template input equals a training or test input.
 
@@ -52,8 +52,8 @@ import task_words as W  # noqa: E402
 
 N_TRAIN, N_TEST, N_OOD = 400, 100, 100
 DAYS_IN = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
-TRAIN_YEARS = (1950, 2049)
-OOD_YEARS = ((1600, 1949), (2050, 2399))
+TRAIN_YEARS = (1700, 2099)
+OOD_YEARS = ((1000, 1699), (2100, 2599))
 SPLITS = ("train", "ood")
 
 INSTRUCTIONS = {
