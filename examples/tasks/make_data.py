@@ -19,9 +19,10 @@ Three files per task:
   teams and companies absent from the training lists, headline templates absent from training; dates with years
   outside the training range (training 1700-2099, four centuries, so that a prompt learns to copy the century;
   out-of-template 1000-1699 and 2100-2599); quantities with three decimals (training has at most two) or an
-  integer part of 1000-9999 (training: 0-999). Each of these is asserted on the rows written: the held-out lists are disjoint from the training lists, no training name,
-  city, team or company occurs in an out-of-template input and vice versa, every out-of-template year and number
-  lies outside the training ranges, and no out-of-template input equals a training or test input.
+  integer part of 1000-9999 (training: 0-999). Each of these is asserted on the rows written: the held-out lists
+  are disjoint from the training lists, no training name, city, team or company occurs in an out-of-template
+  input and vice versa, every out-of-template year and number lies outside the training ranges, and no
+  out-of-template input equals a training or test input.
 
 Half the training dates and a quarter of the training quantities are bare (``1987-03-04``, ``2.5 km``), the rest
 sit in phrases, so a prompt learns to find the value rather than one layout.
