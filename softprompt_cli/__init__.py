@@ -1,4 +1,4 @@
-"""The ``softprompt`` command: ``serve``, ``prepare-model``, ``upload``, ``bench``, ``train`` and ``eval``.
+"""The ``softprompt`` command: ``serve``, ``prepare-model``, ``upload``, ``bench``, ``train``, ``eval``, ``eval-report``
 
 This package sits above the others and is the only one that imports them all: each package adds its own
 subcommands through a ``register(subparsers)`` function in its ``cli`` module (see :data:`COMMAND_MODULES`), so

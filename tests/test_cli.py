@@ -14,9 +14,9 @@ import pytest
 from softprompt_cli import COMMAND_MODULES, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["serve", "prepare-model", "upload", "bench", "train", "eval"]
+COMMANDS = ["serve", "prepare-model", "upload", "bench", "train", "eval", "eval-report"]
 OWNERS = {"server.cli": ["serve", "prepare-model", "upload"], "bench.cli": ["bench"],
-          "training.cli": ["train", "eval"]}
+          "training.cli": ["train", "eval", "eval-report"]}
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -29,7 +29,7 @@ def test_root_lists_every_subcommand(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: softprompt [-h] {" + ",".join(COMMANDS) + "} ...")
+    assert " ".join(out.split()).startswith("usage: softprompt [-h] {" + ",".join(COMMANDS) + "} ...")
     for name in COMMANDS:
         assert f"\n    {name} " in out
     assert list(_subcommands(build_parser())) == COMMANDS
@@ -77,7 +77,8 @@ def test_serve_flags_and_errors(capsys, monkeypatch):
 def test_help_imports_nothing_heavy():
     code = ("import sys\nfrom softprompt_cli import build_parser\nbuild_parser()\n"
             "heavy = ['torch', 'uvicorn', 'fastapi', 'transformers', 'peft', 'httpx', 'server.engine', 'server.app',"
-            " 'training.evaluate', 'bench.serve_bench']\nprint([m for m in heavy if m in sys.modules])\n")
+            " 'training.evaluate', 'training.eval_backends', 'training.report', 'matplotlib', 'bench.serve_bench']"
+            "\nprint([m for m in heavy if m in sys.modules])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -97,7 +97,8 @@ def test_no_module_imports_upward():
 
 def test_offline_eval_loads_no_http_layer():
     """At run time too: the modules offline evaluation uses load neither FastAPI nor the server's HTTP layer."""
-    code = ("import sys\nimport training.cli, training.evaluate, server.engine, server.request_builder\n"
+    code = ("import sys\nimport training.cli, training.evaluate, training.eval_backends, training.eval_cli, "
+            "training.fewshot, training.report, server.engine, server.request_builder\n"
             "print(sorted(m for m in sys.modules\n"
             "             if m.startswith(('fastapi', 'starlette', 'uvicorn', 'server.api', 'server.app'))))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -1,9 +1,10 @@
-"""``softprompt train`` and ``softprompt eval``: argument parsing and the two entry points.
+"""``softprompt train``, ``softprompt eval`` and ``softprompt eval-report``: argument parsing and entry points.
 
-:func:`register` adds both to the root command (:mod:`softprompt_cli`), which hands everything after the
-subcommand to :func:`train_main` / :func:`eval_main`; their heavy imports happen only when the subcommand runs.
-Both return an exit status: 0 success, 1 a failed upload or server error, 2 bad input (a bad data file, bad
-options, a model or prompt that cannot be loaded).
+:func:`register` adds them to the root command (:mod:`softprompt_cli`), which hands everything after the
+subcommand to :func:`train_main` / :func:`eval_main` (:mod:`training.eval_cli`) / :func:`report_main`
+(:mod:`training.report`); their heavy imports happen only when the subcommand runs. Each returns an exit status:
+0 success, 1 a failed upload or server error, 2 bad input (a bad data file, bad options, a model or prompt that
+cannot be loaded).
 
 Examples::
 
@@ -16,18 +17,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+
+from training.eval_cli import _recorded_template, eval_main, eval_parser  # noqa: F401 (re-exported)
 
 
 def register(sub) -> None:
     """Add ``train`` and ``eval`` to the root command's subparsers; each parses its own flags."""
     sub.add_parser("train", help="train a soft prompt on the frozen base model (PEFT adapter directory)",
                    add_help=False).set_defaults(argv_func=train_main)
-    sub.add_parser("eval", help="compare base model, instruction and soft prompt on held-out data",
+    sub.add_parser("eval", help="compare base model, instruction, few-shot and soft prompts on held-out data",
                    add_help=False).set_defaults(argv_func=eval_main)
+    sub.add_parser("eval-report", help="tables (markdown) and a bar chart of the eval results of every task",
+                   add_help=False).set_defaults(argv_func=report_main)
 
 
 def _model_and_cache(model: str | None):
@@ -120,118 +124,8 @@ def train_main(argv: list[str] | None = None, *, loaded=None, upload_client=None
     return 0
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    from training.evaluate import CONDITIONS
+def report_main(argv: list[str] | None = None) -> int:
+    """Run ``softprompt eval-report`` (:func:`training.report.main`)."""
+    from training.report import main
 
-    p = argparse.ArgumentParser(prog="softprompt eval", description="Compare the base model, a hand-written "
-                                "instruction and a soft prompt on held-out data (exact match).")
-    p.add_argument("--task", required=True)
-    p.add_argument("--data", required=True, type=Path, help="JSONL test file")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", metavar="URL", help="evaluate through a running server's HTTP API")
-    where.add_argument("--prompt", type=Path, help="in-process: the adapter directory or .safetensors file")
-    p.add_argument("--model", default=None, help="in-process base model (default as for train)")
-    p.add_argument("--instruction-file", type=Path, default=None,
-                   help="hand-written instruction (default: instruction.txt next to --data)")
-    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of "
-                   f"{','.join(CONDITIONS)}")
-    p.add_argument("--chat-template", action="store_true", default=None, help="serve the soft prompt on the chat "
-                   "template (default: as recorded in the adapter's softprompt_training.json, else plain)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest expected output + 4 tokens")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    p.add_argument("--json", type=Path, default=None, help="write the summary and per-row results here")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--concurrency", type=int, default=16, help="server mode: requests in flight")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def _recorded_template(prompt: Path | None) -> bool:
-    from training.adapter import META_FILE
-
-    if prompt is None or not (Path(prompt) / META_FILE).is_file():
-        return False
-    try:
-        return json.loads((Path(prompt) / META_FILE).read_text()).get("template") == "chat"
-    except (OSError, ValueError):
-        return False
-
-
-def eval_main(argv: list[str] | None = None, *, loaded=None, http=None) -> int:
-    """Run ``softprompt eval``. ``loaded`` replaces the in-process model, ``http`` the server client (tests)."""
-    args = eval_parser().parse_args(argv)
-    from prompt_store.errors import PromptError
-    from server.model_loader import ModelLoadError, load_model
-    from training.data import DataError, read_rows
-    from training.evaluate import EngineBackend, HTTPBackend, evaluate, format_table, write_json
-
-    prog = "softprompt eval"
-    conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
-    try:
-        rows = read_rows(args.data)
-    except DataError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    if args.limit:
-        rows = rows[:args.limit]
-    instruction = None
-    ifile = args.instruction_file or args.data.parent / "instruction.txt"
-    if ifile.is_file():
-        instruction = ifile.read_text(encoding="utf-8")
-    elif args.instruction_file is not None:
-        print(f"{prog}: --instruction-file {ifile}: no such file", file=sys.stderr)
-        return 2
-    else:
-        conditions = tuple(c for c in conditions if not c.startswith("instruction"))
-        print(f"no instruction file at {ifile}: skipping the instruction conditions", file=sys.stderr)
-    chat = args.chat_template if args.chat_template is not None else _recorded_template(args.prompt)
-    try:
-        if args.server:
-            backend = HTTPBackend(args.server, args.task, http=http, concurrency=args.concurrency)
-            mode = f"server {args.server}"
-            max_new = args.max_new_tokens or _server_max_new(rows, loaded, args)
-        else:
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(args.threads)
-            if loaded is None:
-                model, cache = _model_and_cache(args.model)
-                loaded = load_model(model, cache_dir=cache, device=args.device, dtype="auto")
-            need_prompt = "soft_prompt" in conditions
-            backend = EngineBackend(loaded, args.task, args.prompt if need_prompt else None)
-            mode = f"in-process {args.prompt}"
-            from training.evaluate import default_max_new_tokens
-
-            max_new = args.max_new_tokens or default_max_new_tokens(loaded.tokenizer, rows)
-        result = evaluate(rows, backend, conditions=conditions, instruction=instruction, max_new_tokens=max_new,
-                          soft_prompt_chat=chat, progress=not args.no_progress)
-    except (ModelLoadError, PromptError, ValueError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    print(f"{len(rows)} rows of {args.data}, {mode}, max_new_tokens {max_new}, {result['seconds']} s")
-    print(format_table(args.task, result))
-    if args.json:
-        write_json(args.json, args.task, str(args.data), mode, instruction, max_new, result)
-        print(f"per-row results: {args.json}")
-    return 0
-
-
-def _server_max_new(rows, loaded, args) -> int:
-    """Server mode without ``--max-new-tokens``: count output tokens with the local tokenizer when one is at hand
-    (``loaded`` or the default model's tokenizer files), else 32."""
-    from training.evaluate import default_max_new_tokens
-
-    try:
-        if loaded is not None:
-            return default_max_new_tokens(loaded.tokenizer, rows)
-        from transformers import AutoTokenizer
-
-        from server.model_loader import convert_gguf, default_gguf_path
-
-        model, cache = _model_and_cache(args.model)
-        path = Path(model) if model is not None and Path(model).is_dir() else convert_gguf(default_gguf_path(), cache)
-        return default_max_new_tokens(AutoTokenizer.from_pretrained(path), rows)
-    except Exception:  # noqa: BLE001 - a sensible default beats failing an evaluation over a token count
-        return 32
+    return main(argv)

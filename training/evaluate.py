@@ -1,6 +1,7 @@
-"""Evaluate a soft prompt against the untouched model and a hand-written instruction, on held-out data.
+"""Evaluate soft prompts against the untouched model and prompt engineering, on held-out data.
 
-Conditions, all in one run, all greedy (temperature 0), each row generated alone by the server's own engine:
+Conditions, all in one run, all greedy (temperature 0), each row generated alone by the server's own engine. The
+prompt-engineering baselines (:data:`BASELINES`):
 
 * ``base``: the input alone, no soft prompt (``POST /v1/generate`` with ``{"inputs": input}``);
 * ``instruction``: the task's instruction prepended as text, ``instruction + input`` (plain string
@@ -8,46 +9,80 @@ Conditions, all in one run, all greedy (temperature 0), each row generated alone
   trailing newline or space) on ``POST /v1/generate``;
 * ``instruction_chat``: the same ``instruction + input`` as one user message of the base model's chat template
   (``POST /v1/chat/completions`` with the base model's id): how an instruct model is meant to be prompted;
-* ``soft_prompt``: the input with the task's soft prompt (``POST /v1/tasks/{task}/generate``), or, for a prompt
-  trained with ``--chat-template``, the chat-rendered input with the prompt (``/v1/chat/completions`` with the
-  task as ``model``).
+* ``few_shot``: the instruction plus ``k`` solved examples from the training data, then the input, as text,
+  scored on the first non-empty line of the output (the line the examples put the answer on);
+  ``few_shot_chat``: the same examples as chat turns (:mod:`training.fewshot`).
 
-Metric: **exact match** of the generated text and the expected output, both stripped of surrounding whitespace.
-Generation stops at EOS or after ``max_new_tokens`` (default: the longest expected output in tokens + 4), so an
-answer followed by more text is a miss. ``first_line`` (the first non-empty line of the output, stripped, equals
-the expected output) is reported as a diagnostic: it tells "right answer, then kept talking" from "wrong answer".
+Then one condition per soft prompt, named by the caller (``--prompt NAME=DIR``; a lone ``--prompt DIR`` is
+``soft_prompt``): the input with that prompt (``POST /v1/tasks/{task}/generate``), or, for a prompt trained with
+``--chat-template``, the chat-rendered input with the prompt (``/v1/chat/completions`` with the task as
+``model``). Prompt tuning, p-tuning and prefix tuning adapters are all served this way.
 
-Two back ends: :class:`EngineBackend` runs :class:`server.engine.Engine` in this process, with the adapter loaded
-by :func:`prompt_store.formats.load_path` and registered with :class:`prompt_store.registry.PromptRegistry`, as
-the server does; :class:`HTTPBackend` calls a running server.
+Metrics: **exact match** of the generated text and the expected output, both stripped of surrounding whitespace
+(:func:`exact_match`), and the same ignoring case (:func:`exact_match_ci`). Generation stops at EOS (or the
+end-of-turn token), a stop string, or after ``max_new_tokens`` (default: the longest expected output in tokens
++ 4), so an answer followed by more text is a miss. ``first_line`` (the first non-empty line of the output,
+stripped, equals the expected output) is reported as a diagnostic: it tells "right answer, then kept talking"
+from "wrong answer".
+
+Two back ends (:mod:`training.eval_backends`): ``EngineBackend`` runs :class:`server.engine.Engine` in this
+process, with the adapters loaded by :func:`prompt_store.formats.load_path` and registered with
+:class:`prompt_store.registry.PromptRegistry`, as the server does; ``HTTPBackend`` calls a running server.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from training.data import Row
+from training.fewshot import answer_line, few_shot_messages, few_shot_text
 
-CONDITIONS = ("base", "instruction", "instruction_chat", "soft_prompt")
+BASELINES = ("base", "instruction", "instruction_chat", "few_shot", "few_shot_chat")
+#: The condition name of a prompt given without a name (``--prompt DIR``).
+DEFAULT_PROMPT = "soft_prompt"
+#: The conditions of a run with one unnamed prompt and no few-shot examples (the original four).
+CONDITIONS = ("base", "instruction", "instruction_chat", DEFAULT_PROMPT)
 LABELS = {"base": "base model", "instruction": "instruction (text)", "instruction_chat": "instruction (chat)",
-          "soft_prompt": "soft prompt"}
+          "few_shot": "few-shot (text)", "few_shot_chat": "few-shot (chat)", DEFAULT_PROMPT: "soft prompt",
+          "prompt_tuning": "prompt tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix tuning"}
 METRIC = "exact match after stripping whitespace"
+METRIC_CI = "exact match after stripping whitespace, ignoring case"
 
 
 @dataclass(frozen=True)
 class Job:
-    """One generation: ``text`` is sent as plain input (``chat=False``) or as one chat user message;
-    ``soft_prompt`` says whether the task's prompt is prepended."""
+    """One generation.
+
+    Attributes:
+        condition: the condition it belongs to.
+        row: index of its row in the evaluated rows.
+        text: sent as plain input (``chat=False``) or as the last user message of a chat.
+        chat: rendered by the chat template (``history`` turns, then ``text`` as a user message).
+        prompt: name of the soft prompt prepended (a key of the back end's prompts), or None.
+        history: earlier chat turns, ``(role, content)`` pairs (few-shot chat); only with ``chat``.
+        stop: stop strings; the output is cut before the first one (no built-in condition uses them).
+        answer_line: score only the first non-empty line of the output (few-shot text form).
+    """
 
     condition: str
     row: int
     text: str
     chat: bool
-    soft_prompt: bool
+    prompt: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+    stop: tuple[str, ...] = ()
+    answer_line: bool = False
+
+    @property
+    def soft_prompt(self) -> bool:
+        return self.prompt is not None
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat messages (``history`` + ``text`` as the user's), OpenAI-style dicts."""
+        return [{"role": r, "content": c} for r, c in self.history] + [{"role": "user", "content": self.text}]
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,11 @@ def exact_match(output: str, expected: str) -> bool:
     return output.strip() == expected.strip()
 
 
+def exact_match_ci(output: str, expected: str) -> bool:
+    """Exact match ignoring case: ``output.strip().casefold() == expected.strip().casefold()``."""
+    return output.strip().casefold() == expected.strip().casefold()
+
+
 def first_line_match(output: str, expected: str) -> bool:
     """The first non-empty line of ``output``, stripped, equals ``expected.strip()`` (a diagnostic)."""
     for line in output.splitlines():
@@ -72,29 +112,54 @@ def first_line_match(output: str, expected: str) -> bool:
     return expected.strip() == ""
 
 
-def make_jobs(rows: list[Row], conditions: tuple[str, ...], instruction: str | None,
-              soft_prompt_chat: bool) -> list[Job]:
+def default_conditions(instruction: str | None, shots: list[Row] | None, prompts: dict[str, bool]) -> tuple[str, ...]:
+    """Every condition the inputs allow: ``base``; the instruction ones with an instruction; the few-shot ones
+    with examples; then each prompt, in the given order."""
+    out = ["base"]
+    if instruction is not None:
+        out += ["instruction", "instruction_chat"]
+    if shots:
+        out += ["few_shot", "few_shot_chat"]
+    return tuple(out) + tuple(prompts)
+
+
+def make_jobs(rows: list[Row], conditions: tuple[str, ...], instruction: str | None, soft_prompt_chat: bool = False,
+              *, prompts: dict[str, bool] | None = None, shots: list[Row] | None = None) -> list[Job]:
     """The generations of a run: every row under every condition (row-major).
 
+    Args:
+        prompts: prompt name -> served on the chat template; default ``{"soft_prompt": soft_prompt_chat}``.
+        shots: the few-shot examples (:func:`training.fewshot.pick_shots`), for the few-shot conditions.
+
     Raises:
-        ValueError: an unknown condition, or an instruction condition without an instruction.
+        ValueError: an unknown condition, an instruction condition without an instruction, or a few-shot
+            condition without examples.
     """
-    bad = [c for c in conditions if c not in CONDITIONS]
+    prompts = {DEFAULT_PROMPT: soft_prompt_chat} if prompts is None else prompts
+    bad = [c for c in conditions if c not in BASELINES and c not in prompts]
     if bad:
-        raise ValueError(f"unknown conditions {bad}; choose from {', '.join(CONDITIONS)}")
+        raise ValueError(f"unknown conditions {bad}; choose from {', '.join(BASELINES + tuple(prompts))}")
     if instruction is None and any(c.startswith("instruction") for c in conditions):
         raise ValueError("the instruction conditions need an instruction file (--instruction-file)")
+    if not shots and any(c.startswith("few_shot") for c in conditions):
+        raise ValueError("the few-shot conditions need examples (--shots-from, --shots >= 1)")
     jobs = []
     for i, row in enumerate(rows):
         for c in conditions:
             if c == "base":
-                jobs.append(Job(c, i, row.input, False, False))
+                jobs.append(Job(c, i, row.input, False))
             elif c == "instruction":
-                jobs.append(Job(c, i, instruction + row.input, False, False))  # type: ignore[operator]
+                jobs.append(Job(c, i, instruction + row.input, False))  # type: ignore[operator]
             elif c == "instruction_chat":
-                jobs.append(Job(c, i, instruction + row.input, True, False))  # type: ignore[operator]
+                jobs.append(Job(c, i, instruction + row.input, True))  # type: ignore[operator]
+            elif c == "few_shot":
+                jobs.append(Job(c, i, few_shot_text(instruction, shots, row.input), False,  # type: ignore[arg-type]
+                                answer_line=True))
+            elif c == "few_shot_chat":
+                msgs = few_shot_messages(instruction, shots, row.input)  # type: ignore[arg-type]
+                jobs.append(Job(c, i, msgs[-1][1], True, history=msgs[:-1]))
             else:
-                jobs.append(Job(c, i, row.input, soft_prompt_chat, True))
+                jobs.append(Job(c, i, row.input, prompts[c], prompt=c))
     return jobs
 
 
@@ -104,169 +169,50 @@ def default_max_new_tokens(tokenizer, rows: list[Row]) -> int:
     return max(len(tokenizer(r.output, add_special_tokens=False)["input_ids"]) for r in rows) + 4
 
 
-class EngineBackend:
-    """Generations by the server's engine in this process.
-
-    Args:
-        loaded: the base model (as the server loads it).
-        task: the task name the prompt is registered under.
-        prompt_path: a PEFT adapter directory or RAW ``.safetensors`` file; None when no job uses the prompt.
-        max_num_seqs: rows decoded together.
-
-    Raises:
-        prompt_store.errors.PromptError: the adapter cannot be loaded (same checks as the server's).
-    """
-
-    def __init__(self, loaded, task: str, prompt_path: Path | None, max_num_seqs: int = 64) -> None:
-        from prompt_store.formats import Limits, load_path
-        from prompt_store.registry import PromptRegistry
-
-        self.loaded, self.task, self.max_num_seqs = loaded, task, max_num_seqs
-        self.prompt = None
-        if prompt_path is not None:
-            parsed = load_path(Path(prompt_path), Limits(loaded.hidden_size, max_virtual_tokens=1024))
-            self.prompt, _ = PromptRegistry().put(task, parsed, str(prompt_path))
-
-    def run(self, jobs: list[Job], max_new_tokens: int, progress: bool = True) -> list[Generation]:
-        """Submit every job at once (the engine batches them), wait for all; one :class:`Generation` per job."""
-        from tqdm.auto import tqdm
-
-        from server.engine import Engine, EngineConfig
-        from server.kv_pool import kv_bytes_per_token, model_kv_shape
-        from server.request import SamplingParams
-        from server.request_builder import make_request
-        from training.data import input_ids_for
-
-        tok = self.loaded.tokenizer
-        nv = self.prompt.num_virtual_tokens if self.prompt is not None else 0
-        ids = [input_ids_for(tok, j.text, j.chat) if j.chat else None for j in jobs]
-        longest = max((len(i) if i is not None else len(tok(j.text)["input_ids"])) for i, j in zip(ids, jobs,
-                                                                                                    strict=True))
-        per_seq = nv + longest + max_new_tokens + 16
-        bpt = kv_bytes_per_token(*model_kv_shape(self.loaded.model.config), self.loaded.dtype)
-        kv = bpt * per_seq * self.max_num_seqs * 2
-        engine = Engine(self.loaded, EngineConfig(
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max(2048, self.max_num_seqs),
-            kv_cache_bytes=max(kv, 16 * 1024**2), prompt_kv_cache_bytes=16 * 1024**2,
-            max_virtual_tokens=max(128, nv), max_waiting=len(jobs) + 1,
-        ))
-        engine.start()
-        params = SamplingParams(max_new_tokens=max_new_tokens)
-        results: list[Generation] = []
-        try:
-            streams = []
-            for job, tids in zip(jobs, ids, strict=True):
-                prompt = self.prompt if job.soft_prompt else None
-                if job.soft_prompt and prompt is None:
-                    raise ValueError("a soft_prompt job needs prompt_path")
-                try:
-                    req = make_request(engine, prompt, job.text, params, token_ids=tids)
-                    streams.append(engine.submit(req))
-                except ValueError as exc:  # server.engine.RequestRejectedError included
-                    streams.append(exc)
-            for s in tqdm(streams, disable=not progress, desc="eval", unit="req"):
-                if isinstance(s, Exception):
-                    results.append(Generation("", None, str(s)))
-                    continue
-                parts, last = [], None
-                for out in s.iter_sync():
-                    parts.append(out.text)
-                    last = out
-                if last is not None and last.finish_reason == "error":
-                    results.append(Generation("", "error", last.error or "engine error"))
-                else:
-                    results.append(Generation("".join(parts), last.finish_reason if last else None))
-        finally:
-            engine.stop()
-        return results
-
-
-class HTTPBackend:
-    """Generations by a running server, ``concurrency`` requests in flight (so the server batches them).
-
-    Args:
-        url: server base URL.
-        http: an ``httpx.Client``-like object to use instead of a new one (tests pass a FastAPI TestClient).
-    """
-
-    def __init__(self, url: str, task: str, http=None, concurrency: int = 16, timeout: float = 600.0) -> None:
-        import httpx
-
-        self.task, self.concurrency = task, concurrency
-        self._own = http is None
-        self.http = http if http is not None else httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
-        self._base_id: str | None = None
-
-    def base_model_id(self) -> str:
-        if self._base_id is None:
-            resp = self.http.get("/v1/models")
-            resp.raise_for_status()
-            self._base_id = resp.json()["data"][0]["id"]
-        return self._base_id
-
-    def _one(self, job: Job, max_new_tokens: int) -> Generation:
-        try:
-            if job.chat:
-                model = self.task if job.soft_prompt else self.base_model_id()
-                body = {"model": model, "messages": [{"role": "user", "content": job.text}],
-                        "max_tokens": max_new_tokens, "temperature": 0.0}
-                resp = self.http.post("/v1/chat/completions", json=body)
-                if resp.status_code != 200:
-                    return Generation("", None, f"HTTP {resp.status_code}: {resp.text[:300]}")
-                choice = resp.json()["choices"][0]
-                return Generation(choice["message"]["content"], choice["finish_reason"])
-            path = f"/v1/tasks/{self.task}/generate" if job.soft_prompt else "/v1/generate"
-            resp = self.http.post(path, json={"inputs": job.text, "parameters": {"max_new_tokens": max_new_tokens}})
-            if resp.status_code != 200:
-                return Generation("", None, f"HTTP {resp.status_code}: {resp.text[:300]}")
-            data = resp.json()
-            return Generation(data["generated_text"], data["finish_reason"])
-        except Exception as exc:  # noqa: BLE001 - a failed request is a row's error, not the run's
-            return Generation("", None, f"{type(exc).__name__}: {exc}")
-
-    def run(self, jobs: list[Job], max_new_tokens: int, progress: bool = True) -> list[Generation]:
-        from tqdm.auto import tqdm
-
-        try:
-            with ThreadPoolExecutor(self.concurrency) as pool:
-                it = pool.map(lambda j: self._one(j, max_new_tokens), jobs)
-                return list(tqdm(it, total=len(jobs), disable=not progress, desc="eval", unit="req"))
-        finally:
-            if self._own:
-                self.http.close()
-
-
 def score(rows: list[Row], jobs: list[Job], gens: list[Generation], conditions: tuple[str, ...]) -> dict:
     """Per-condition counts and per-row results.
 
     Returns:
-        ``{"summary": {condition: {"total", "exact", "first_line", "errors", "exact_match", "first_line_match"}},
-        "rows": [{"line", "input", "expected", "results": {condition: {"output", "exact", "first_line",
-        "finish_reason", "error"}}}]}``; ``exact_match`` / ``first_line_match`` are fractions in [0, 1]; a row with
-        an error counts as a miss.
+        ``{"summary": {condition: {"total", "exact", "exact_ci", "first_line", "errors", "exact_match",
+        "exact_match_ci", "first_line_match"}}, "rows": [{"line", "input", "expected", "results": {condition:
+        {"output", "answer", "exact", "exact_ci", "first_line", "finish_reason", "error"}}}]}``: ``output`` is the
+        generated text, ``answer`` the part scored (the output, or its first non-empty line for a job with
+        ``answer_line``); the ``*_match`` values are fractions in [0, 1]; a row with an error counts as a miss.
     """
     per_row: list[dict] = [{"line": r.line, "input": r.input, "expected": r.output, "results": {}} for r in rows]
-    summary = {c: {"total": len(rows), "exact": 0, "first_line": 0, "errors": 0} for c in conditions}
+    summary = {c: {"total": len(rows), "exact": 0, "exact_ci": 0, "first_line": 0, "errors": 0} for c in conditions}
     for job, gen in zip(jobs, gens, strict=True):
         expected = rows[job.row].output
-        ok = gen.error is None and exact_match(gen.text, expected)
-        fl = gen.error is None and first_line_match(gen.text, expected)
+        answer = answer_line(gen.text) if job.answer_line else gen.text
+        ok = gen.error is None and exact_match(answer, expected)
+        ci = gen.error is None and exact_match_ci(answer, expected)
+        fl = gen.error is None and first_line_match(answer, expected)
         s = summary[job.condition]
         s["exact"] += ok
+        s["exact_ci"] += ci
         s["first_line"] += fl
         s["errors"] += gen.error is not None
-        per_row[job.row]["results"][job.condition] = {"output": gen.text, "exact": ok, "first_line": fl,
+        per_row[job.row]["results"][job.condition] = {"output": gen.text, "answer": answer, "exact": ok,
+                                                      "exact_ci": ci, "first_line": fl,
                                                       "finish_reason": gen.finish_reason, "error": gen.error}
     for s in summary.values():
-        s["exact_match"] = s["exact"] / s["total"] if s["total"] else 0.0
-        s["first_line_match"] = s["first_line"] / s["total"] if s["total"] else 0.0
+        for count, frac in (("exact", "exact_match"), ("exact_ci", "exact_match_ci"), ("first_line",
+                                                                                         "first_line_match")):
+            s[frac] = s[count] / s["total"] if s["total"] else 0.0
     return {"summary": summary, "rows": per_row}
 
 
-def evaluate(rows: list[Row], backend, *, conditions: tuple[str, ...] = CONDITIONS, instruction: str | None,
-             max_new_tokens: int, soft_prompt_chat: bool = False, progress: bool = True) -> dict:
-    """Generate every job with ``backend`` and score it; see :func:`score` (adds ``seconds``)."""
-    jobs = make_jobs(rows, conditions, instruction, soft_prompt_chat)
+def evaluate(rows: list[Row], backend, *, conditions: tuple[str, ...] | None = None, instruction: str | None,
+             max_new_tokens: int, soft_prompt_chat: bool = False, prompts: dict[str, bool] | None = None,
+             shots: list[Row] | None = None, progress: bool = True) -> dict:
+    """Generate every job with ``backend`` and score it; see :func:`score` (adds ``seconds``, wall time).
+
+    ``conditions`` None: :func:`default_conditions`. ``prompts`` / ``shots``: as for :func:`make_jobs`.
+    """
+    prompts = {DEFAULT_PROMPT: soft_prompt_chat} if prompts is None else prompts
+    if conditions is None:
+        conditions = default_conditions(instruction, shots, prompts)
+    jobs = make_jobs(rows, conditions, instruction, prompts=prompts, shots=shots)
     t0 = time.perf_counter()
     gens = backend.run(jobs, max_new_tokens, progress)
     res = score(rows, jobs, gens, conditions)
@@ -275,19 +221,30 @@ def evaluate(rows: list[Row], backend, *, conditions: tuple[str, ...] = CONDITIO
 
 
 def format_table(task: str, result: dict) -> str:
-    """A plain-text table: one line per condition with exact-match and first-line counts and percentages."""
-    lines = [f"task {task}: {METRIC}",
-             f"{'condition':<22} {'exact match':>18} {'first line':>18} {'errors':>7}"]
+    """A plain-text table: one line per condition with exact-match (case-sensitive and not) and first-line
+    counts and percentages, and errors."""
+    lines = [f"task {task}: {METRIC} (case-insensitive: ignoring case)",
+             f"{'condition':<20} {'exact match':>17} {'case-insensitive':>17} {'first line':>17} {'errors':>7}"]
     for c, s in result["summary"].items():
-        lines.append(f"{LABELS.get(c, c):<22} {s['exact']:>5}/{s['total']:<4} {100 * s['exact_match']:6.1f}% "
-                     f"{s['first_line']:>5}/{s['total']:<4} {100 * s['first_line_match']:6.1f}% {s['errors']:>7}")
+        cells = " ".join(f"{s[k]:>5}/{s['total']:<4} {100 * s[f]:6.1f}%" for k, f in (
+            ("exact", "exact_match"), ("exact_ci", "exact_match_ci"), ("first_line", "first_line_match")))
+        lines.append(f"{LABELS.get(c, c):<20} {cells} {s['errors']:>7}")
     return "\n".join(lines)
 
 
 def write_json(path: Path, task: str, data: str, mode: str, instruction: str | None, max_new_tokens: int,
-               result: dict) -> None:
-    """Write the run (summary + per-row results) as JSON."""
-    doc = {"task": task, "data": str(data), "mode": mode, "metric": METRIC, "instruction": instruction,
-           "max_new_tokens": max_new_tokens, **result}
+               result: dict, **extra) -> None:
+    """Write the run (summary + per-row results, plus ``extra`` keys such as ``shots`` and ``prompts``) as JSON."""
+    doc = {"task": task, "data": str(data), "mode": mode, "metric": METRIC, "metric_ci": METRIC_CI,
+           "instruction": instruction, "max_new_tokens": max_new_tokens, **extra, **result}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+
+
+def __getattr__(name: str):
+    """``EngineBackend`` / ``HTTPBackend`` live in :mod:`training.eval_backends`; importable from here too."""
+    if name in ("EngineBackend", "HTTPBackend"):
+        from training import eval_backends
+
+        return getattr(eval_backends, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
