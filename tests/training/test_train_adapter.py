@@ -103,7 +103,8 @@ def test_train_upload_pushes_through_the_admin_api(fresh_tiny, km_data, tmp_path
     sp._http = client  # the TestClient speaks httpx's Client API
     assert train_main(argv, loaded=fresh_tiny, upload_client=sp) == 0
     assert "uploaded km: created, version 1" in capsys.readouterr().out
-    assert client.get("/v1/tasks").json()["tasks"] == [{"task": "km", "num_virtual_tokens": 20, "version": 1}]
+    assert client.get("/v1/tasks").json()["tasks"] == [{"task": "km", "num_virtual_tokens": 20, "version": 1,
+                                                        "peft_type": "PROMPT_TUNING", "nbytes": 20 * 64 * 4}]
     resp = client.post("/v1/tasks/km/generate", json={"inputs": "7 km", "parameters": {"max_new_tokens": 4}})
     assert resp.status_code == 200 and resp.json()["usage"]["virtual_tokens"] == 20
 
