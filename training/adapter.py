@@ -41,7 +41,7 @@ def write_model_card(out: Path, meta: dict) -> None:
         f"{meta['saved_params'] // meta['num_virtual_tokens']} (`prompt_embeddings`), made by `softprompt train`.",
         "", f"- template: {template}",
         f"- data: `{meta['data']}` ({meta['rows']} rows, sha256 `{meta['data_sha256'][:16]}...`)",
-        f"- init: `{meta['init']}`" if meta.get("init") else "- init: p-tuning MLP encoder",
+        _init_line(meta),
         f"- {meta['steps']} steps x batch {meta['batch_size']}, AdamW lr {meta['lr']}, seed {meta['seed']}, "
         f"{meta['device']}, {meta['torch_threads']} torch threads, {meta['wall_s']} s",
         f"- loss {meta['first_loss']:.4f} -> {meta['final_loss']:.4f} (mean token cross-entropy, nats)",
@@ -50,6 +50,16 @@ def write_model_card(out: Path, meta: dict) -> None:
         f"`softprompt upload <dir> --task {meta['task']}`.", "",
     ]
     (Path(out) / "README.md").write_text("\n".join(lines))
+
+
+def _init_line(meta: dict) -> str:
+    """The model card's line on how the prompt started (prompt tuning's ``init``, or the method's own)."""
+    if meta.get("init"):
+        return f"- init: `{meta['init']}`"
+    if meta.get("method") == "prefix_tuning":
+        return (f"- init: PEFT's random prefix, through a projection MLP of width {meta.get('encoder_hidden_size')}"
+                if meta.get("prefix_projection") else "- init: PEFT's random prefix, no projection")
+    return "- init: p-tuning MLP encoder"
 
 
 def upload_adapter(out: Path, task: str, url: str, admin_token: str | None, client=None) -> dict:

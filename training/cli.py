@@ -42,25 +42,31 @@ def _model_and_cache(model: str | None):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="softprompt train", description="Train a soft prompt (PEFT prompt tuning or "
-                                "p-tuning) on the frozen base model and save a PEFT adapter directory.")
+    p = argparse.ArgumentParser(prog="softprompt train", description="Train a soft prompt (PEFT prompt tuning, "
+                                "p-tuning or prefix tuning) on the frozen base model and save a PEFT adapter "
+                                "directory.")
     p.add_argument("--task", required=True, help="task name (as served: /v1/tasks/{task}/generate)")
     p.add_argument("--data", required=True, type=Path, help='JSONL file of {"input": ..., "output": ...} rows')
     p.add_argument("--model", default=None, help="model directory or .gguf (default: $SOFTPROMPT_MODEL, else the "
                    "default SmolLM2-135M-Instruct)")
-    p.add_argument("--method", choices=("prompt_tuning", "p_tuning"), default="prompt_tuning")
+    p.add_argument("--method", choices=("prompt_tuning", "p_tuning", "prefix_tuning"), default="prompt_tuning",
+                   help="prefix_tuning: a key/value prefix for every layer (PEFT PrefixTuningConfig)")
+    p.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's two-layer MLP "
+                   "(width --encoder-hidden-size); the saved prefix has the same shape either way")
     p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--init", default="vocab", help='prompt tuning init: text:"words", random or vocab '
-                   "(default vocab: embeddings of random vocabulary tokens)")
+    p.add_argument("--init", default=None, help='prompt tuning init: text:"words", random or vocab '
+                   "(default vocab: embeddings of random vocabulary tokens); p-tuning ignores it, prefix tuning "
+                   "refuses it")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-2 prompt tuning, "
-                   "3e-3 p-tuning)")
+                   "3e-3 p-tuning, 3e-2 prefix tuning, 3e-4 prefix tuning with --prefix-projection)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 20")
-    p.add_argument("--encoder-hidden-size", type=int, default=None, help="p-tuning MLP width (default: hidden size)")
+    p.add_argument("--encoder-hidden-size", type=int, default=None, help="MLP width of p-tuning or of "
+                   "--prefix-projection (default: the model's hidden size)")
     p.add_argument("--out", type=Path, default=None, help="adapter directory (default: prompts/<task>)")
     p.add_argument("--chat-template", action="store_true", help="train on the model's chat template "
                    "(input as a user message, as /v1/chat/completions does)")
@@ -98,7 +104,8 @@ def train_main(argv: list[str] | None = None, *, loaded=None, upload_client=None
         task=args.task, data=args.data, out=out, method=args.method, num_virtual_tokens=args.num_virtual_tokens,
         init=args.init, steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, chat_template=args.chat_template, warmup_steps=args.warmup_steps,
-        encoder_hidden_size=args.encoder_hidden_size, progress=not args.no_progress,
+        encoder_hidden_size=args.encoder_hidden_size, prefix_projection=args.prefix_projection,
+        progress=not args.no_progress,
     )
     try:
         if loaded is None:

@@ -3,16 +3,17 @@ unchanged, and optionally upload it through the admin API.
 
 The base model is loaded by :func:`server.model_loader.load_model`, the server's own loader, so the prompt is
 trained on exactly the weights it will be served with. The prompt is a PEFT ``PromptTuningConfig`` (a table of
-``num_virtual_tokens x hidden_size`` parameters) or ``PromptEncoderConfig`` (p-tuning: an MLP encoder whose
-*output* PEFT saves); ``task_type`` is ``CAUSAL_LM``. Only the prompt (or its encoder) trains: anything else with
-``requires_grad`` raises :class:`TrainingError` before the first step.
+``num_virtual_tokens x hidden_size`` parameters), ``PromptEncoderConfig`` (p-tuning: an MLP encoder whose
+*output* PEFT saves) or ``PrefixTuningConfig`` (a key/value prefix per layer, optionally through a projection MLP
+whose output PEFT saves); ``task_type`` is ``CAUSAL_LM``; see :mod:`training.peft_setup`. Only the prompt (or its
+encoder) trains: anything else with ``requires_grad`` raises :class:`TrainingError` before the first step.
 
 Data and template: see :mod:`training.data`. The loop is plain: batches padded on the right with attention masks,
 the loss is the mean token cross-entropy over the output tokens, as ``PeftModel(input_ids, attention_mask,
 labels).loss`` computes it (PEFT prepends the virtual tokens to ids, mask and labels), but with the virtual tokens
-run once per batch as a KV prefix and the LM head only where an output token is predicted (:func:`output_loss`),
-AdamW on the prompt parameters, gradient-norm clipping,
-linear warm-up then linear decay of the learning rate to 10%. Never PEFT ``generate`` (broken with transformers
+run once per batch as a KV prefix (prefix tuning: the prefix *is* the KV) and the LM head only where an output token
+is predicted (:func:`output_loss`), AdamW on the prompt parameters, gradient-norm clipping, linear warm-up then
+linear decay of the learning rate to 10%. Never PEFT ``generate`` (broken with transformers
 5.24; design notes, section 2).
 
 Determinism: ``torch.manual_seed(seed)`` before the prompt is created, and the data order comes from a
@@ -25,9 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +35,17 @@ import torch
 from server.model_loader import LoadedModel
 from training.adapter import save_adapter
 from training.data import Encoded, collate, encode_rows, end_of_turn_id, eos_id, read_rows
-
-METHODS = ("prompt_tuning", "p_tuning")
-#: Default learning rate per method (AdamW).
-DEFAULT_LR = {"prompt_tuning": 3e-2, "p_tuning": 3e-3}
-
-
-class TrainingError(RuntimeError):
-    """Training cannot run as asked (bad option, or a parameter other than the prompt would train)."""
+from training.peft_setup import (  # noqa: F401 - re-exported: the training API lives here
+    DEFAULT_LR,
+    METHODS,
+    PREFIX_PROJECTION_LR,
+    TrainingError,
+    build_peft_model,
+    check_only_prompt_trains,
+    default_lr,
+    is_prefix_tuning,
+    saved_width,
+)
 
 
 @dataclass
@@ -54,20 +56,24 @@ class TrainConfig:
         task: task name (used for the upload and the metadata).
         data: JSONL training file (see :mod:`training.data`).
         out: output directory of the PEFT adapter (created; files in it are overwritten).
-        method: ``"prompt_tuning"`` or ``"p_tuning"`` (MLP encoder).
+        method: ``"prompt_tuning"``, ``"p_tuning"`` (MLP encoder) or ``"prefix_tuning"`` (KV prefix per layer).
         num_virtual_tokens: prompt length in virtual tokens.
         init: ``"text:<words>"`` (PEFT TEXT: embeddings of the text's tokens, repeated or cut to length),
             ``"random"`` (PEFT RANDOM: ``nn.Embedding`` default, N(0, 1)) or ``"vocab"`` (PEFT SAMPLE_VOCAB:
-            embeddings of random vocabulary tokens). Prompt tuning only; p-tuning's encoder starts random.
+            embeddings of random vocabulary tokens); None = ``"vocab"``. Prompt tuning only: p-tuning's encoder
+            starts random and ignores it; prefix tuning refuses any value (PEFT's random init).
         steps: optimizer steps; or ``epochs`` (passes over the data, may be fractional): exactly one is used;
             neither means 100 steps.
-        lr: AdamW learning rate; None = :data:`DEFAULT_LR` of the method.
+        lr: AdamW learning rate; None = the method's default (:func:`training.peft_setup.default_lr`).
         batch_size: rows per step.
         seed: seeds the prompt's initialisation and the data order.
         chat_template: train on the chat template (see :mod:`training.data`).
         warmup_steps: linear warm-up steps; None = 10% of the steps, at most 20.
         max_grad_norm: gradient clipping (L2 norm); 0 disables it.
-        encoder_hidden_size: p-tuning MLP width; None = the model's hidden size.
+        encoder_hidden_size: MLP width of p-tuning or of prefix tuning's projection; None = the model's hidden
+            size.
+        prefix_projection: prefix tuning through PEFT's two-layer MLP (``prefix_projection=True``); the saved
+            tensor is the MLP's output, shaped as without it.
         progress: show a tqdm bar.
     """
 
@@ -76,7 +82,7 @@ class TrainConfig:
     out: Path
     method: str = "prompt_tuning"
     num_virtual_tokens: int = 20
-    init: str = "vocab"
+    init: str | None = None
     steps: int | None = None
     epochs: float | None = None
     lr: float | None = None
@@ -86,13 +92,15 @@ class TrainConfig:
     warmup_steps: int | None = None
     max_grad_norm: float = 1.0
     encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
     progress: bool = True
 
 
 @dataclass
 class TrainResult:
     """What a run did. ``losses``: the loss of every step (mean cross-entropy per output token, nats).
-    ``trainable_params``: parameters that trained (the prompt table, or p-tuning's embedding + MLP);
+    ``trainable_params``: parameters that trained (the prompt table, p-tuning's embedding + MLP, or the prefix
+    and its projection MLP);
     ``saved_params``: numbers in the saved ``prompt_embeddings`` tensor; ``wall_s``: seconds of the loop;
     ``peft_model``: the trained PEFT model (wrapping the caller's base model)."""
 
@@ -106,99 +114,6 @@ class TrainResult:
     tokens: int
     meta: dict = field(default_factory=dict)
     peft_model: object = field(default=None, repr=False)
-
-
-def _init_spec(init: str) -> tuple[str, str | None]:
-    """``"text:..."`` -> ("TEXT", text); ``"random"`` -> ("RANDOM", None); ``"vocab"`` -> ("SAMPLE_VOCAB", None).
-
-    Raises:
-        TrainingError: any other value, or ``text:`` with no text.
-    """
-    if init.startswith("text:"):
-        text = init[len("text:"):]
-        if not text.strip():
-            raise TrainingError("--init text: needs some text after 'text:'")
-        return "TEXT", text
-    if init in ("random", "vocab"):
-        return ("RANDOM" if init == "random" else "SAMPLE_VOCAB"), None
-    raise TrainingError(f"--init must be text:\"...\", random or vocab; got {init!r}")
-
-
-def _tokenizer_dir(loaded: LoadedModel, keep: list) -> str:
-    """A directory PEFT's TEXT initialisation can load the tokenizer from: the loaded model's directory, or the
-    tokenizer's own, or (for in-memory models, as in tests) a temporary copy kept alive by ``keep``."""
-    for cand in (getattr(loaded.model, "name_or_path", ""), getattr(loaded.tokenizer, "name_or_path", "")):
-        if cand and Path(cand).is_dir() and any((Path(cand) / f).is_file() for f in ("tokenizer.json",
-                                                                                      "tokenizer_config.json")):
-            return str(cand)
-    tmp = tempfile.TemporaryDirectory(prefix="softprompt-tok-")
-    keep.append(tmp)
-    loaded.tokenizer.save_pretrained(tmp.name)
-    return tmp.name
-
-
-def build_peft_model(loaded: LoadedModel, cfg: TrainConfig):
-    """Wrap ``loaded.model`` in a PEFT prompt-learning model (seeded with ``cfg.seed``) and check that only the
-    prompt trains.
-
-    Returns:
-        ``(peft_model, trainable_params, total_params)``; total counts the base model and the prompt.
-
-    Raises:
-        TrainingError: unknown method or init, or a non-prompt parameter requires grad.
-    """
-    from peft import PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
-
-    hidden = loaded.hidden_size
-    common = dict(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens, token_dim=hidden,
-                  num_transformer_submodules=1)
-    keep: list = []
-    if cfg.method == "prompt_tuning":
-        kind, text = _init_spec(cfg.init)
-        extra = {}
-        if kind == "TEXT":
-            extra = dict(prompt_tuning_init_text=text, tokenizer_name_or_path=_tokenizer_dir(loaded, keep))
-        pcfg = PromptTuningConfig(prompt_tuning_init=kind, **extra, **common)
-    elif cfg.method == "p_tuning":
-        pcfg = PromptEncoderConfig(encoder_reparameterization_type="MLP",
-                                   encoder_hidden_size=cfg.encoder_hidden_size or hidden, **common)
-    else:
-        raise TrainingError(f"--method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
-    loaded.model.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    with warnings.catch_warnings():  # PEFT 0.21 calls an API transformers 5 deprecated; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(loaded.model, pcfg)
-    for tmp in keep:
-        tmp.cleanup()
-    trainable, total = check_only_prompt_trains(peft_model)
-    return peft_model, trainable, total
-
-
-def check_only_prompt_trains(peft_model) -> tuple[int, int]:
-    """Count parameters and check that every trainable one belongs to the prompt encoder.
-
-    Returns:
-        ``(trainable, total)`` parameter counts.
-
-    Raises:
-        TrainingError: naming the first few trainable parameters outside ``prompt_encoder``, or when nothing
-            trains at all.
-    """
-    trainable = total = 0
-    stray: list[str] = []
-    for name, p in peft_model.named_parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-            if not name.startswith("prompt_encoder."):
-                stray.append(name)
-    if stray:
-        raise TrainingError(f"only the soft prompt may train, but these parameters require grad too: {stray[:5]}"
-                            f"{' ...' if len(stray) > 5 else ''}")
-    if trainable == 0:
-        raise TrainingError("no parameter requires grad: the soft prompt would not train")
-    return trainable, total
 
 
 def batch_order(num_rows: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -260,7 +175,7 @@ def train(loaded: LoadedModel, cfg: TrainConfig, log=print) -> TrainResult:
         raise TrainingError("--batch-size and --num-virtual-tokens must be >= 1")
     encoded = prepare_data(loaded, cfg)
     steps = _num_steps(cfg, len(encoded))
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(cfg.method, 3e-2)
+    lr = default_lr(cfg)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(20, steps // 10)
     order = batch_order(len(encoded), cfg.batch_size, steps, cfg.seed)
     peft_model, trainable, total = build_peft_model(loaded, cfg)
@@ -295,17 +210,23 @@ def train(loaded: LoadedModel, cfg: TrainConfig, log=print) -> TrainResult:
     finally:
         bar.close()
     wall = time.perf_counter() - t0
+    saved = nv * saved_width(peft_model)
+    pcfg = peft_model.active_peft_config
     meta = dict(
-        task=cfg.task, method=cfg.method, num_virtual_tokens=nv, init=cfg.init if cfg.method == "prompt_tuning"
-        else None, steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=warmup, seed=cfg.seed,
+        task=cfg.task, method=cfg.method, num_virtual_tokens=nv,
+        init=(cfg.init or "vocab") if cfg.method == "prompt_tuning" else None,
+        prefix_projection=cfg.prefix_projection if cfg.method == "prefix_tuning" else None,
+        encoder_hidden_size=getattr(pcfg, "encoder_hidden_size", None) if cfg.method == "p_tuning"
+        or cfg.prefix_projection else None,
+        steps=steps, batch_size=cfg.batch_size, lr=lr, warmup_steps=warmup, seed=cfg.seed,
         template="chat" if cfg.chat_template else "plain", data=str(cfg.data), data_sha256=_sha256(cfg.data),
         rows=len(encoded), model_id=loaded.model_id, device=str(loaded.device), torch_threads=torch.get_num_threads(),
-        trainable_params=trainable, total_params=total, saved_params=nv * loaded.hidden_size,
-        wall_s=round(wall, 1), tokens=tokens, first_loss=losses[0], final_loss=sum(losses[-10:]) / len(losses[-10:]),
+        trainable_params=trainable, total_params=total, saved_params=saved, wall_s=round(wall, 1),
+        seconds_per_step=round(wall / steps, 3), tokens=tokens, first_loss=losses[0],
+        final_loss=sum(losses[-10:]) / len(losses[-10:]),
     )
     save_adapter(peft_model, cfg.out, loaded, meta)
-    return TrainResult(cfg.out, steps, losses, trainable, total, nv * loaded.hidden_size, wall, tokens, meta,
-                       peft_model)
+    return TrainResult(cfg.out, steps, losses, trainable, total, saved, wall, tokens, meta, peft_model)
 
 
 def output_loss(peft_model, batch: dict[str, torch.Tensor], num_virtual_tokens: int) -> torch.Tensor:
@@ -324,18 +245,28 @@ def output_loss(peft_model, batch: dict[str, torch.Tensor], num_virtual_tokens: 
     positions without a label. An output token right after an empty input is predicted by the last virtual
     token, from step 1's logits.
 
+    Prefix tuning has no step 1: PEFT's ``get_prompt(B)`` is already the per-layer KV cache (a ``DynamicCache``
+    of ``[B, kv_heads, n, head_dim]`` keys and values that carries the gradient), exactly what PEFT's own forward
+    passes as ``past_key_values``. The text then runs at positions ``n, n+1, ...`` with the mask extended over the
+    ``n`` virtual tokens, as in PEFT. No position predicts an output token after an empty input (there are no
+    virtual-token logits), so that label does not count, as in ``peft_model(**batch).loss``.
+
     Args:
         batch: ``input_ids``, ``attention_mask``, ``labels``, each ``[B, L]`` (see :func:`training.data.collate`).
     """
     base = peft_model.get_base_model()
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     b = ids.shape[0]
-    prompts = peft_model.get_prompt(batch_size=1)  # [1, n, H], carries the prompt's gradient
-    emb_dtype = base.get_input_embeddings().weight.dtype
-    pre = base(inputs_embeds=prompts.to(emb_dtype), use_cache=True, logits_to_keep=1)
-    cache = pre.cache if getattr(pre, "cache", None) is not None else pre.past_key_values
-    for layer in cache.layers:
-        layer.batch_repeat_interleave(b)
+    if is_prefix_tuning(peft_model):
+        pre = None
+        cache = peft_model.get_prompt(batch_size=b)
+    else:
+        prompts = peft_model.get_prompt(batch_size=1)  # [1, n, H], carries the prompt's gradient
+        emb_dtype = base.get_input_embeddings().weight.dtype
+        pre = base(inputs_embeds=prompts.to(emb_dtype), use_cache=True, logits_to_keep=1)
+        cache = pre.cache if getattr(pre, "cache", None) is not None else pre.past_key_values
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(b)
     target = labels[:, 1:]  # text position j predicts token j + 1
     keep = (target != -100).any(dim=0).nonzero().squeeze(1)  # [K] text positions, shared by the batch
     full_mask = torch.cat([mask.new_ones((b, num_virtual_tokens)), mask], dim=1)  # [B, n + L]
@@ -347,7 +278,7 @@ def output_loss(peft_model, batch: dict[str, torch.Tensor], num_virtual_tokens: 
                                               ignore_index=-100, reduction="sum")
     count = (tgt != -100).sum()
     first = labels[:, 0]  # labelled only after an empty input: predicted by the last virtual token
-    if bool((first != -100).any()):
+    if pre is not None and bool((first != -100).any()):
         last = pre.logits[:, -1].float().expand(b, -1)  # [B, vocab]
         total = total + torch.nn.functional.cross_entropy(last, first, ignore_index=-100, reduction="sum")
         count = count + (first != -100).sum()
