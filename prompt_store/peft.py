@@ -61,8 +61,8 @@ def parse_peft_config(data: bytes) -> dict[str, Any]:
     check_size(len(data), MAX_CONFIG_BYTES, PEFT_CONFIG)
     try:
         config = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PromptError(f"{PEFT_CONFIG} is not valid UTF-8 JSON: {exc}", reason="bad_config") from exc
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, integers over 4300 digits, deep nesting
+        raise PromptError(f"{PEFT_CONFIG} is not valid UTF-8 JSON: {str(exc)[:200]}", reason="bad_config") from exc
     if not isinstance(config, dict):
         raise PromptError(
             f"{PEFT_CONFIG} must be a JSON object, got a JSON {type(config).__name__}", reason="bad_config"
@@ -90,7 +90,9 @@ def parse_peft_config(data: bytes) -> dict[str, Any]:
 
 
 def _check_prefix_config(config: dict, limits: Limits) -> None:
-    """The config's model shape must be the served model's (each field checked when present)."""
+    """The config's model shape (``num_layers``, ``num_attention_heads`` = KV heads, ``token_dim`` = KV heads x head
+    size; all required) must be the served model's: the tensor's width alone cannot tell 4 layers x 1 KV head from
+    2 layers x 2 KV heads."""
     if limits.prefix_width is None:
         raise PromptError("prefix-tuning prompts need the model's KV shape, which this loader was not given",
                           reason="unsupported_peft_type")
@@ -99,9 +101,16 @@ def _check_prefix_config(config: dict, limits: Limits) -> None:
         "num_attention_heads": limits.num_key_value_heads,  # PEFT stores the KV head count here
         "token_dim": limits.num_key_value_heads * limits.head_dim,
     }
+    missing = [name for name in expected if config.get(name) is None]
+    if missing:
+        raise PromptError(
+            f"{PEFT_CONFIG} of a PREFIX_TUNING adapter must give {', '.join(missing)} (PEFT writes them); this "
+            "model needs " + ", ".join(f"{k}={v}" for k, v in expected.items()),
+            reason="bad_config",
+        )
     for name, want in expected.items():
         got = _config_int(config, name)
-        if got is not None and got != want:
+        if got != want:
             raise PromptError(
                 f"{PEFT_CONFIG} says {name}={got}, this model needs {name}={want} (num_layers "
                 f"{limits.num_layers}, num_key_value_heads {limits.num_key_value_heads}, head_dim "
@@ -121,8 +130,9 @@ def parse_peft_files(files: Mapping[str, bytes], limits: Limits) -> ParsedPrompt
     Raises:
         PromptError: ``"pickle_refused"`` (only ``adapter_model.bin`` is there), ``"missing_file"``,
             ``"bad_config"`` (the config's ``num_virtual_tokens`` / ``token_dim`` disagree with the tensor's
-            shape; both named), ``"bad_shape"`` (a prefix made for another model's layers, KV heads or head size),
-            or any reason of :func:`parse_peft_config` / :func:`prompt_store.tensors.parse_safetensors_bytes`.
+            shape, both named; a prefix config without its model shape), ``"bad_shape"`` (a prefix made for
+            another model's layers, KV heads or head size), or any reason of :func:`parse_peft_config` /
+            :func:`prompt_store.tensors.parse_safetensors_bytes`.
     """
     needs = f"a PEFT adapter directory needs {PEFT_CONFIG} and {PEFT_WEIGHTS}"
     if PEFT_WEIGHTS not in files and PEFT_PICKLE in files:

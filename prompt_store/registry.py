@@ -13,16 +13,20 @@ import torch
 from prompt_store.formats import ALLOWED_DTYPES, PREFIX_TUNING, ParsedPrompt, validate_task_name
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor, *, prefix: bool = False) -> str:
     """Content hash of a prompt tensor, as 64 hex digits.
 
-    SHA-256 over the UTF-8 bytes of ``"<dtype>:<d0>x<d1>:"`` (e.g. ``"float32:20x64:"``) followed by the
-    tensor's raw bytes in row-major order and native (little-endian on every supported platform) byte order.
-    Two prompts hash equal exactly when dtype, shape and every bit of every value are equal.
+    SHA-256 over the UTF-8 bytes of ``"<dtype>:<d0>x<d1>:"`` (e.g. ``"float32:20x64:"``), preceded by
+    ``"PREFIX_TUNING:"`` for a prefix-tuning tensor, followed by the tensor's raw bytes in row-major order and native
+    (little-endian on every supported platform) byte order. Two prompts hash equal exactly when kind (input
+    embeddings or per-layer KV), dtype, shape and every bit of every value are equal: the same bytes served as
+    embeddings and as a prefix (possible when ``hidden_size == num_layers * 2 * kv_heads * head_dim``) are different
+    prompts with different KV.
     """
     t = t.detach().to("cpu").contiguous()
     dtype = ALLOWED_DTYPES.get(t.dtype, str(t.dtype).removeprefix("torch."))
-    h = hashlib.sha256(f"{dtype}:{'x'.join(str(int(s)) for s in t.shape)}:".encode())
+    domain = (f"{PREFIX_TUNING}:" if prefix else "") + f"{dtype}:{'x'.join(str(int(s)) for s in t.shape)}:"
+    h = hashlib.sha256(domain.encode())
     if t.numel():
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
@@ -41,7 +45,8 @@ class SoftPrompt:
         num_virtual_tokens: ``embeddings.shape[0]``.
         hidden_size: ``embeddings.shape[1]``, the row width (the KV width above for prefix tuning).
         dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-        sha256: :func:`tensor_sha256` of ``embeddings`` (dtype name + shape + raw bytes).
+        sha256: :func:`tensor_sha256` of ``embeddings`` (kind + dtype name + shape + raw bytes); the prompt-KV
+            cache's key.
         version: per task, 1 for the first content, +1 on every change of content; never goes backwards for a
             task within the process, even across remove and re-add.
         source: the file or directory path it was loaded from, or ``"upload"`` for in-memory uploads.
@@ -108,7 +113,7 @@ class PromptRegistry:
 
         Args:
             task: task name; validated with :func:`prompt_store.formats.validate_task_name`.
-            parsed: a validated prompt (``[num_virtual_tokens, hidden_size]``).
+            parsed: a validated prompt (``[num_virtual_tokens, width]``, see :class:`SoftPrompt`).
             source: where it came from (a path, or ``"upload"``).
 
         Returns:
@@ -121,7 +126,7 @@ class PromptRegistry:
             PromptError: reason ``"bad_name"`` for an invalid task name.
         """
         validate_task_name(task)
-        digest = tensor_sha256(parsed.embeddings)
+        digest = tensor_sha256(parsed.embeddings, prefix=parsed.is_prefix)
         with self._lock:
             old = self._prompts.get(task)
         if old is not None and old.sha256 == digest:

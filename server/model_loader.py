@@ -60,15 +60,16 @@ class LoadedModel:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    def prompt_limits(self, max_virtual_tokens: int = 128, max_bytes: int | None = None) -> Limits:
+    def prompt_limits(self, max_virtual_tokens: int | None = None, max_bytes: int | None = None) -> Limits:
         """What a soft prompt for this model must fit: its hidden size, KV shape (for prefix tuning) and dtype,
-        with the given caps (``max_bytes`` None: :class:`~prompt_store.formats.Limits`' default)."""
+        with the given caps (None: :class:`~prompt_store.formats.Limits`' defaults)."""
         from server.kv_pool import model_kv_shape
 
         layers, kv_heads, head_dim = model_kv_shape(self.model.config)
-        extra = {} if max_bytes is None else {"max_bytes": max_bytes}
-        return Limits(self.hidden_size, max_virtual_tokens, model_dtype=self.dtype, num_layers=layers,
-                      num_key_value_heads=kv_heads, head_dim=head_dim, **extra)
+        caps = {k: v for k, v in (("max_virtual_tokens", max_virtual_tokens), ("max_bytes", max_bytes))
+                if v is not None}
+        return Limits(self.hidden_size, model_dtype=self.dtype, num_layers=layers, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, **caps)
 
 
 def default_gguf_path() -> Path:

@@ -25,7 +25,7 @@ from training.eval_cli import _recorded_template, eval_main, eval_parser  # noqa
 
 
 def register(sub) -> None:
-    """Add ``train`` and ``eval`` to the root command's subparsers; each parses its own flags."""
+    """Add ``train``, ``eval`` and ``eval-report`` to the root command's subparsers; each parses its own flags."""
     sub.add_parser("train", help="train a soft prompt on the frozen base model (PEFT adapter directory)",
                    add_help=False).set_defaults(argv_func=train_main)
     sub.add_parser("eval", help="compare base model, instruction, few-shot and soft prompts on held-out data",
@@ -42,6 +42,8 @@ def _model_and_cache(model: str | None):
 
 
 def train_parser() -> argparse.ArgumentParser:
+    from training.peft_setup import DEFAULT_LR, METHODS, PREFIX_PROJECTION_LR
+
     p = argparse.ArgumentParser(prog="softprompt train", description="Train a soft prompt (PEFT prompt tuning, "
                                 "p-tuning or prefix tuning) on the frozen base model and save a PEFT adapter "
                                 "directory.")
@@ -49,7 +51,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help='JSONL file of {"input": ..., "output": ...} rows')
     p.add_argument("--model", default=None, help="model directory or .gguf (default: $SOFTPROMPT_MODEL, else the "
                    "default SmolLM2-135M-Instruct)")
-    p.add_argument("--method", choices=("prompt_tuning", "p_tuning", "prefix_tuning"), default="prompt_tuning",
+    p.add_argument("--method", choices=METHODS, default=METHODS[0],
                    help="prefix_tuning: a key/value prefix for every layer (PEFT PrefixTuningConfig)")
     p.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's two-layer MLP "
                    "(width --encoder-hidden-size); the saved prefix has the same shape either way")
@@ -60,8 +62,9 @@ def train_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-2 prompt tuning, "
-                   "3e-3 p-tuning, 3e-2 prefix tuning, 3e-4 prefix tuning with --prefix-projection)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: " + ", ".join(
+        f"{lr:g} {m}" for m, lr in DEFAULT_LR.items()) + f", {PREFIX_PROJECTION_LR:g} prefix_tuning with "
+        "--prefix-projection)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 20")

@@ -39,7 +39,7 @@ class EngineBackend:
 
     def __init__(self, loaded, task: str, prompt_path: Path | str | dict[str, Path] | None,
                  max_num_seqs: int = 64) -> None:
-        from prompt_store.formats import Limits, load_path
+        from prompt_store.formats import load_path
         from prompt_store.registry import PromptRegistry
 
         self.loaded, self.task, self.max_num_seqs = loaded, task, max_num_seqs
@@ -49,8 +49,7 @@ class EngineBackend:
             paths = {k: Path(v) for k, v in prompt_path.items()}
         else:
             paths = {DEFAULT_PROMPT: Path(prompt_path)}
-        limits_of = getattr(loaded, "prompt_limits", None)  # knows the KV shape that prefix tuning needs
-        limits = limits_of(1024) if limits_of is not None else Limits(loaded.hidden_size, max_virtual_tokens=1024)
+        limits = loaded.prompt_limits()  # the server's checks and default caps, with the KV shape prefixes need
         registry = PromptRegistry()
         self.prompts = {name: registry.put(name, load_path(p, limits), str(p))[0] for name, p in paths.items()}
 

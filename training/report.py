@@ -136,6 +136,9 @@ def render_table(label: str, by_task: dict[str, dict | None], train: dict[str, d
         secs.append(DASH if any(w is None for w in walls) or not walls else f"{sum(walls) / len(walls):,.0f}")
     lines.append("| trainable parameters | " + " | ".join(params) + " |")
     lines.append("| training seconds (mean over tasks) | " + " | ".join(secs) + " |")
+    lines += ["", "Few-shot (text) is scored on the first non-empty line of its output (the line its examples put "
+              "the answer on); every other column on the whole output. Baselines (base model included) are the "
+              "margin's reference."]
     return "\n".join(lines)
 
 

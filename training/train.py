@@ -34,7 +34,7 @@ import torch
 
 from server.model_loader import LoadedModel
 from training.adapter import save_adapter
-from training.data import Encoded, collate, encode_rows, end_of_turn_id, eos_id, read_rows
+from training.data import DataError, Encoded, collate, encode_rows, end_of_turn_id, eos_id, read_rows
 from training.peft_setup import (  # noqa: F401 - re-exported: the training API lives here
     DEFAULT_LR,
     METHODS,
@@ -151,12 +151,25 @@ def _lr_lambda(steps: int, warmup: int):
 
 
 def prepare_data(loaded: LoadedModel, cfg: TrainConfig) -> list[Encoded]:
-    """Read, validate and encode ``cfg.data``. Raises :class:`training.data.DataError`."""
+    """Read, validate and encode ``cfg.data``.
+
+    Raises:
+        training.data.DataError: a bad file (see :func:`training.data.encode_rows`), or, for prefix tuning, rows
+            whose input encodes to no token: a prefix's virtual tokens have no input position, so the server refuses
+            such inputs (422 ``empty_input``) and the first output token could not be learned.
+    """
     rows = read_rows(cfg.data)
     tok = loaded.tokenizer
     end = end_of_turn_id(tok, loaded.eos_token_ids) if cfg.chat_template else eos_id(tok, loaded.eos_token_ids)
-    return encode_rows(cfg.data, rows, tok, end_id=end, num_virtual_tokens=cfg.num_virtual_tokens,
-                       max_context=loaded.max_context, chat_template=cfg.chat_template)
+    encoded = encode_rows(cfg.data, rows, tok, end_id=end, num_virtual_tokens=cfg.num_virtual_tokens,
+                          max_context=loaded.max_context, chat_template=cfg.chat_template)
+    if cfg.method == "prefix_tuning":
+        empty = [(row.line, "empty input: prefix tuning needs at least one input token (the server answers an "
+                  "empty input to a prefix-tuned task with 422 empty_input)")
+                 for row, e in zip(rows, encoded, strict=True) if e.num_output == len(e.input_ids)]
+        if empty:
+            raise DataError(cfg.data, empty[:20], total=len(empty))
+    return encoded
 
 
 def train(loaded: LoadedModel, cfg: TrainConfig, log=print) -> TrainResult:

@@ -13,8 +13,8 @@ import safetensors.torch
 import torch
 
 from prompt_store.errors import PromptError
-from prompt_store.formats import load_path, parse_peft_files, parse_upload
-from prompt_store.registry import PromptRegistry
+from prompt_store.formats import ParsedPrompt, load_path, parse_peft_files, parse_upload
+from prompt_store.registry import PromptRegistry, tensor_sha256
 from prompt_store.store import PromptStore
 
 WIDTH = 2 * 2 * 2 * 16  # the tiny model: 2 layers x (K, V) x 2 KV heads x head size 16
@@ -47,16 +47,25 @@ def test_wrong_layer_count_in_config_names_both(limits):
 
 
 def test_wrong_layer_count_in_tensor_names_the_width_and_its_factors(limits):
-    files = prefix_files(width=3 * 2 * 2 * 16)
-    files["adapter_config.json"] = json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 5}).encode()
-    msg = refused("bad_shape", files, limits)
+    msg = refused("bad_shape", prefix_files(width=3 * 2 * 2 * 16), limits)
     assert "expected shape [n, 128 = num_layers 2 x 2 x num_key_value_heads 2 x head_dim 16], got [5, 192]" in msg
 
 
-@pytest.mark.parametrize("field, value", [("num_attention_heads", 4), ("token_dim", 64)])
-def test_wrong_kv_width_in_config(limits, field, value):
+@pytest.mark.parametrize("drop", ["num_layers", "num_attention_heads", "token_dim"])
+def test_prefix_config_must_give_the_model_shape(limits, drop):
+    """4 layers x 1 KV head x 16 has the same width as 2 x 2 x 16: without the config's shape it cannot be told."""
+    files = prefix_files()
+    cfg = json.loads(files["adapter_config.json"])
+    del cfg[drop]
+    files["adapter_config.json"] = json.dumps(cfg).encode()
+    msg = refused("bad_config", files, limits)
+    assert drop in msg and "num_layers=2, num_attention_heads=2, token_dim=32" in msg
+
+
+@pytest.mark.parametrize("field, value, want", [("num_attention_heads", 4, 2), ("token_dim", 64, 32)])
+def test_wrong_kv_width_in_config(limits, field, value, want):
     msg = refused("bad_shape", prefix_files(**{field: value}), limits)
-    assert f"{field}={value}" in msg
+    assert f"says {field}={value}" in msg and f"needs {field}={want}" in msg
 
 
 def test_wrong_kv_width_in_tensor(limits):
@@ -79,8 +88,28 @@ def test_too_many_virtual_tokens_refused(limits):
 
 def test_config_num_virtual_tokens_must_match(limits):
     files = prefix_files(5)
-    files["adapter_config.json"] = json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 6}).encode()
+    files["adapter_config.json"] = prefix_files(6)["adapter_config.json"]
     assert "num_virtual_tokens=6" in refused("bad_config", files, limits)
+
+
+@pytest.mark.parametrize("config", [b"[" * 100_000 + b"]" * 100_000, b'{"num_layers": ' + b"9" * 5000 + b"}"])
+def test_hostile_config_json_is_a_bad_config_not_a_crash(limits, config):
+    """Deep nesting (RecursionError) and a 5000-digit integer (ValueError in Python 3.11+) are refused cleanly."""
+    files = prefix_files()
+    files["adapter_config.json"] = config
+    assert "not valid UTF-8 JSON" in refused("bad_config", files, limits)
+
+
+def test_same_bytes_as_embeddings_and_as_prefix_are_different_prompts():
+    """When hidden_size == layers x 2 x KV heads x head size, one tensor can be either kind: the content hash (the
+    prompt-KV cache key) tells them apart, and switching the kind is a replacement, not "unchanged"."""
+    t = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    reg = PromptRegistry()
+    raw, action = reg.put("x", ParsedPrompt(t, "RAW"), "test")
+    assert action == "created"
+    prefix, action = reg.put("x", ParsedPrompt(t, "PREFIX_TUNING"), "test")
+    assert action == "replaced" and prefix.version == 2 and prefix.peft_type == "PREFIX_TUNING"
+    assert prefix.sha256 != raw.sha256 and prefix.sha256 == tensor_sha256(t, prefix=True)
 
 
 def test_prefix_pickle_refused_unopened(limits, tmp_path: Path):

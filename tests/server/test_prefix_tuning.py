@@ -42,6 +42,7 @@ def tiny_prefix_peft(tiny_loaded, tmp_path_factory):
     root = tmp_path_factory.mktemp("peft-prefix")
     configs = {
         "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20),
+        "prefix16": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=16),
         "prefix-proj": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5, prefix_projection=True,
                                           encoder_hidden_size=24),
         "pt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6,
@@ -126,7 +127,7 @@ def test_prefix_blocks_are_shared_by_the_requests_of_a_prompt(tiny_loaded, tiny_
         engine.core.add(q)
     plan = engine.step()
     assert len(plan.prompts_to_compute) == 1 and len(plan.tail_copies) == 5
-    assert all(r.num_tokens == 0 or r.start >= 20 for r in plan.rows)  # no virtual position is recomputed
+    assert all(r.start >= 20 for r in plan.rows)  # no virtual position is recomputed
     entry = reqs[0].prompt_kv
     assert entry.num_tokens == 20 and len(entry.full_blocks) == 1 and entry.tail_len == 4
     assert all(q.block_table[0] == entry.full_blocks[0] for q in reqs)
@@ -148,6 +149,73 @@ def test_prefix_kv_is_evicted_and_rewritten_equal(tiny_loaded, tiny_prefix_peft)
         (req,) = run_sync(engine, [Spec(ids, prompts[name], 5)])
         assert result(req) == peft_greedy_reference(tiny_prefix_peft[name][0], ids, 5), name
     assert len(engine.core.prompt_cache) == 0  # over budget: nothing unused is kept
+
+
+def test_prefix_of_whole_blocks_has_no_tail(tiny_loaded, tiny_prefix_peft):
+    """n = block size: one shared block, no tail to copy, and the request's text starts a block of its own."""
+    prompts = served(tiny_loaded, tiny_prefix_peft)
+    ids = tiny_loaded.tokenizer("Whole blocks only")["input_ids"]
+    engine = make_engine(tiny_loaded)
+    reqs = run_sync(engine, [Spec(ids, prompts["prefix16"], 5), Spec(ids[:2], prompts["prefix16"], 5)])
+    assert engine.core.runner.tail_bytes == 0
+    assert result(reqs[0]) == peft_greedy_reference(tiny_prefix_peft["prefix16"][0], ids, 5)
+    assert result(reqs[1]) == peft_greedy_reference(tiny_prefix_peft["prefix16"][0], ids[:2], 5)
+
+
+def test_prefix_prefetched_while_idle_is_a_cache_hit(tiny_loaded, tiny_prefix_peft):
+    prompts = served(tiny_loaded, tiny_prefix_peft)
+    engine = make_engine(tiny_loaded)
+    engine.core.queue_prefetch(prompts["prefix"])
+    assert engine.core.prefetch_some() == 1
+    cache = engine.core.prompt_cache
+    assert len(cache) == 1 and cache.nbytes == 20 * engine.core.bytes_per_token
+    assert engine.core.runner.tail_bytes == 4 * engine.core.bytes_per_token  # 20 % 16 positions
+    ids = tiny_loaded.tokenizer("Prefetched")["input_ids"]
+    req = new_request(Spec(ids, prompts["prefix"], 5))
+    req.eos_token_ids = engine.eos_token_ids
+    engine.core.add(req)
+    plan = engine.step()
+    assert plan.prompts_to_compute == [] and len(plan.tail_copies) == 1 and cache.hits == 1
+    while engine.core.has_work():
+        engine.step()
+    assert result(req) == peft_greedy_reference(tiny_prefix_peft["prefix"][0], ids, 5)
+
+
+def test_preempted_prefix_requests_resume_equal_to_peft(tiny_loaded, tiny_prefix_peft):
+    """A KV pool too small for every row's full length forces preemptions among prefix, prompt-tuned and base
+    rows; each still equals PEFT's forward."""
+    prompts = served(tiny_loaded, tiny_prefix_peft)
+    names = ["prefix", "prefix-proj", "pt", "prefix", None, "prefix16"]
+    specs = [Spec(ids_of(6 + i, 500 + i), prompts[n] if n else None, 20) for i, n in enumerate(names)]
+    bpt = 2 * 2 * 2 * 16 * 4
+    engine = make_engine(tiny_loaded, kv_cache_bytes=12 * 16 * bpt, prompt_kv_cache_bytes=0, max_num_seqs=8)
+    reqs = run_sync(engine, specs)
+    assert engine.core.scheduler.num_preemptions > 0
+    for name, spec, req in zip(names, specs, reqs, strict=True):
+        model = tiny_prefix_peft[name][0] if name else tiny_loaded.model
+        assert result(req) == peft_greedy_reference(model, spec.ids, 20), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefix_served_in_half_precision_equals_peft_in_that_dtype(tiny_loaded, tiny_prefix_peft, dtype):
+    """An fp32 prefix on a bf16 / fp16 model is cast once into the model-dtype KV pool; greedy tokens equal PEFT's
+    forward at that dtype. The engine runs torch's attention and unpacked weights here: the C++ decode kernel and
+    MKL-packed matmuls round half precision differently from HF's layers, which flips near-tied tokens of this
+    random tiny model (a rounding difference, not a layout one)."""
+    from srv_helpers import wrap_loaded
+
+    pm, path = tiny_prefix_peft["prefix-proj"]
+    half = copy.deepcopy(pm).to(dtype)
+    loaded = wrap_loaded(half.base_model, tiny_loaded.tokenizer)
+    loaded.dtype = dtype
+    parsed = load_path(path, loaded.prompt_limits())
+    prompt = make_prompt("h", parsed.embeddings, parsed.peft_type)
+    engine = make_engine(loaded, attention_kernel=False, packed_weights=False)
+    assert engine.core.runner.pool.k.dtype == dtype
+    for text in ("The movie was great", "ok"):
+        ids = tiny_loaded.tokenizer(text)["input_ids"]
+        (req,) = run_sync(engine, [Spec(ids, prompt, 6)])
+        assert result(req) == peft_greedy_reference(half, ids, 6), text
 
 
 def test_empty_input_to_a_prefix_task_is_refused_but_not_to_an_embedding_task(tiny_loaded, tiny_prefix_peft):

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from training.adapter import META_FILE
 from training.cli import train_main
-from training.data import Row, collate, encode_row
+from training.data import DataError, Row, collate, encode_row
 from training.train import (
     TrainConfig,
     TrainingError,
@@ -164,6 +164,18 @@ def test_options_that_do_not_apply_are_refused(fresh_tiny, km_data, tmp_path, kw
     with pytest.raises(TrainingError, match=msg):
         train(fresh_tiny, cfg, log=lambda *_: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_prefix_tuning_refuses_empty_inputs_that_prompt_tuning_accepts(fresh_tiny, write_jsonl, tmp_path):
+    """An empty input has no position to predict the first output token from under a prefix (the server answers it
+    with 422 empty_input), so prefix tuning refuses such rows, naming their lines; prompt tuning trains on them."""
+    data = write_jsonl([{"input": "3 km", "output": "3000 m"}, {"input": "", "output": "0 m"},
+                        {"input": "4 km", "output": "4000 m"}, {"input": "", "output": "1 m"}])
+    cfg = TrainConfig(task="km", data=data, out=tmp_path / "o", steps=1, progress=False, method="prefix_tuning")
+    with pytest.raises(DataError) as info:
+        prepare_data(fresh_tiny, cfg)
+    assert [line for line, _ in info.value.problems] == [2, 4] and "422 empty_input" in str(info.value)
+    assert len(prepare_data(fresh_tiny, TrainConfig(task="km", data=data, out=tmp_path / "p", steps=1))) == 4
 
 
 def test_cli_prefix_tuning(fresh_tiny, km_data, tmp_path, capsys):
