@@ -87,7 +87,8 @@ class EngineCore:
     def prefetch_some(self, max_prompts: int = 16) -> int:
         """Fill up to ``max_prompts`` queued prompts' KV (embedding prompts in one packed pass, prefix prompts
         written as they are); only while no request waits or runs, only into free blocks, and only while the cache
-        stays within its byte budget (a prefetch never evicts another prompt). A queued prompt that does not fit is dropped. Returns how many were computed."""
+        stays within its byte budget (a prefetch never evicts another prompt). A queued prompt that does not fit is
+        dropped. Returns how many were filled."""
         cache, pool = self.prompt_cache, self.pool
         todo, temp = [], []
         while self._prefetch and len(todo) < max_prompts and not self.scheduler.has_work():

@@ -1,10 +1,10 @@
 """The model runner: executes a scheduler plan on the device, and owns all per-request device state.
 
 Each step: drop state of finished requests and evicted prompts; fill the KV of newly cached soft prompts (embedding
-prompts: one packed pass, each prompt alone at positions ``0..p-1``; prefix prompts: written as they are); copy cached prompts' tails into the first own block of
-requests admitted with them; build one :class:`~server.attention.metadata.AttentionMetadata`; run the packed
-layer walk (:class:`~server.llama.LlamaLayers`); take the logits of rows whose prompt is complete and sample them
-in one batch (:mod:`server.sampler`).
+prompts: one packed pass, each prompt alone at positions ``0..p-1``; prefix prompts: written as they are); copy
+cached prompts' tails into the first own block of requests admitted with them; build one
+:class:`~server.attention.metadata.AttentionMetadata`; run the packed layer walk (:class:`~server.llama.LlamaLayers`);
+take the logits of rows whose prompt is complete and sample them in one batch (:mod:`server.sampler`).
 
 How per-row virtual tokens enter the batch (README, "Design"): rows are *packed*, not padded. A row's virtual
 tokens are positions ``0..n-1`` of its sequence and its text starts at ``n``; there is never padding between them,
