@@ -127,6 +127,32 @@ def greedy_reference(
 
 
 @torch.no_grad()
+def save_peft_adapters(model: torch.nn.Module, configs: dict, root: Path, seed: int,
+                       perturb: float = 0.0) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """PEFT 0.21 prompt-learning adapters on deep copies of ``model``, saved with ``save_pretrained`` under
+    ``root/<name>``: ``{name: (peft_model, dir)}``. Each is built after ``torch.manual_seed(seed + i)``; with
+    ``perturb`` > 0 its prompt encoder's parameters get Gaussian noise of that scale, so the prompt is far from PEFT's
+    init (which for prefix tuning is small)."""
+    import copy
+    import warnings
+
+    from peft import get_peft_model
+
+    out = {}
+    for i, (name, cfg) in enumerate(configs.items()):
+        torch.manual_seed(seed + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecation noise inside peft
+            pm = get_peft_model(copy.deepcopy(model), cfg).eval()
+        if perturb:
+            with torch.no_grad():
+                for p in pm.prompt_encoder.parameters():
+                    p.add_(torch.randn_like(p) * perturb)
+        pm.save_pretrained(root / name)
+        out[name] = (pm, root / name)
+    return out
+
+
 def peft_greedy_reference(
     peft_model, ids: Sequence[int], max_new_tokens: int = 8, eos: Sequence[int] = (EOS_ID,)
 ) -> tuple[list[int], str]:

@@ -6,7 +6,6 @@ Covers the cases C1, C2, C3, C4 and C11a of shared/cases/README.md, PEFT prompt-
 
 from __future__ import annotations
 
-import copy
 import random
 import threading
 from pathlib import Path
@@ -26,6 +25,7 @@ from srv_helpers import (
     raw_bytes,
     run_alone,
     run_sync,
+    save_peft_adapters,
     submit_and_wait,
 )
 
@@ -473,7 +473,6 @@ def tiny_peft(tiny_loaded, smol_dir, tmp_path_factory):
         PromptTuningConfig,
         PromptTuningInit,
         TaskType,
-        get_peft_model,
     )
 
     root = tmp_path_factory.mktemp("peft")
@@ -488,13 +487,7 @@ def tiny_peft(tiny_loaded, smol_dir, tmp_path_factory):
                                          encoder_hidden_size=32,
                                          encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP),
     }
-    out = {}
-    for i, (name, cfg) in enumerate(configs.items()):
-        torch.manual_seed(100 + i)
-        pm = get_peft_model(copy.deepcopy(tiny_loaded.model), cfg).eval()
-        pm.save_pretrained(root / name)
-        out[name] = (pm, root / name)
-    return out
+    return save_peft_adapters(tiny_loaded.model, configs, root, seed=100)
 
 
 def test_peft_checkpoints_served_equal_peft_forward(tiny_loaded, tiny_peft):

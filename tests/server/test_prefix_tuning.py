@@ -4,11 +4,18 @@ alone and in mixed batches with prompt tuning, p-tuning and base rows; its KV bl
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
-from srv_helpers import Spec, make_engine, make_prompt, new_request, peft_greedy_reference, run_sync
+from srv_helpers import (
+    Spec,
+    make_engine,
+    make_prompt,
+    new_request,
+    peft_greedy_reference,
+    run_sync,
+    save_peft_adapters,
+)
 
 from prompt_store.formats import Limits, load_path
 from server.engine import RequestRejectedError
@@ -36,7 +43,6 @@ def tiny_prefix_peft(tiny_loaded, tmp_path_factory):
         PromptTuningConfig,
         PromptTuningInit,
         TaskType,
-        get_peft_model,
     )
 
     root = tmp_path_factory.mktemp("peft-prefix")
@@ -50,18 +56,7 @@ def tiny_prefix_peft(tiny_loaded, tmp_path_factory):
         "ptune": PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4, encoder_hidden_size=32,
                                      encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP),
     }
-    out = {}
-    for i, (name, cfg) in enumerate(configs.items()):
-        torch.manual_seed(300 + i)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pm = get_peft_model(copy.deepcopy(tiny_loaded.model), cfg).eval()
-        with torch.no_grad():
-            for p in pm.prompt_encoder.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-        pm.save_pretrained(root / name)
-        out[name] = (pm, root / name)
-    return out
+    return save_peft_adapters(tiny_loaded.model, configs, root, seed=300, perturb=0.5)
 
 
 def served(tiny_loaded, tiny_prefix_peft) -> dict:

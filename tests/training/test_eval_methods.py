@@ -4,13 +4,10 @@ prompt's training metadata, which ``softprompt eval-report`` files under its met
 
 from __future__ import annotations
 
-import copy
 import json
-import warnings
 
 import pytest
-import torch
-from srv_helpers import peft_greedy_reference
+from srv_helpers import peft_greedy_reference, save_peft_adapters
 
 from training.adapter import META_FILE
 from training.data import Row
@@ -35,7 +32,6 @@ def adapters(tiny_loaded, tmp_path_factory):
         PromptTuningConfig,
         PromptTuningInit,
         TaskType,
-        get_peft_model,
     )
 
     root = tmp_path_factory.mktemp("methods")
@@ -46,19 +42,10 @@ def adapters(tiny_loaded, tmp_path_factory):
                                         encoder_reparameterization_type=PromptEncoderReparameterizationType.MLP),
         "prefix_tuning": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=8),
     }
-    out = {}
-    for i, (method, cfg) in enumerate(configs.items()):
-        torch.manual_seed(700 + i)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pm = get_peft_model(copy.deepcopy(tiny_loaded.model), cfg).eval()
-        with torch.no_grad():
-            for p in pm.prompt_encoder.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-        pm.save_pretrained(root / method)
+    out = save_peft_adapters(tiny_loaded.model, configs, root, seed=700, perturb=0.5)
+    for i, method in enumerate(configs):
         (root / method / META_FILE).write_text(json.dumps({"method": method, "template": "plain",
                                                            "trainable_params": 100 + i, "wall_s": 10.0 * (i + 1)}))
-        out[method] = (pm, root / method)
     return out
 
 
