@@ -65,7 +65,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: " + ", ".join(
         f"{lr:g} {m}" for m, lr in DEFAULT_LR.items()) + f", {PREFIX_PROJECTION_LR:g} prefix_tuning with "
         "--prefix-projection)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps, at most 20")
     p.add_argument("--encoder-hidden-size", type=int, default=None, help="MLP width of p-tuning or of "

@@ -248,15 +248,18 @@ def replace_block(text: str, block: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="softprompt eval-report", description=__doc__.splitlines()[0])
-    p.add_argument("--tasks-dir", type=Path, default=Path("examples/tasks"))
+    p = argparse.ArgumentParser(prog="softprompt eval-report", description="The README's results tables and bar "
+                                "chart, from the per-task JSON files that softprompt eval --json writes.")
+    p.add_argument("--tasks-dir", type=Path, default=Path("examples/tasks"), help="one directory per task (default "
+                   "examples/tasks)")
     p.add_argument("--tasks", default=None, help="comma-separated task directories (default: every directory of "
                    "--tasks-dir holding one of the set files, sorted)")
     p.add_argument("--set", action="append", metavar="LABEL=FILE", help="a test set and its eval file name in each "
                    "task directory (repeatable; default in-template=eval.json, out-of-template=eval_ood.json)")
-    p.add_argument("--out", type=Path, default=Path("docs/eval"), help="results.md, results.json and eval.png here")
+    p.add_argument("--out", type=Path, default=Path("docs/eval"), help="results.md, results.json and eval.png here "
+                   "(default docs/eval)")
     p.add_argument("--readme", type=Path, default=None, help=f"also replace the block between {START} and {END}")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="skip eval.png")
     return p
 
 
