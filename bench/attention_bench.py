@@ -1,6 +1,6 @@
 """Microbenchmark of the attention backends on the paged KV cache (one layer's call, CPU).
 
-    .venv/bin/python -m bench.attention_bench [--repeat 30] [--threads N] [--only decode|prefill|sdpa]
+    .venv/bin/python -m bench.attention_bench [--repeat 30] [--threads N] [--only decode|prefill|sdpa|flex]
         [--compile] [--dtype float32] [--cpu-time]
 
 Prints one table per section, milliseconds per call (median over ``--repeat`` rounds; every round times each
@@ -18,6 +18,10 @@ column. Sections:
   ``grouped pad<=2x``: the same with a 2x bound; ``one-call``: every row in one padded call.
 - sdpa: the raw SDPA call on one padded batch: boolean mask, additive float mask, ``is_causal`` (rows starting at
   position 0 only), GQA via ``enable_gqa`` or with K/V heads expanded beforehand.
+- flex (only with ``--only flex``): :class:`FlexBackend` against :class:`CpuBackend` on decode, prefill and mixed
+  steps: ``flex compiled`` (inductor's C++ FlexAttention kernel; the step's block masks built once, as every layer
+  after the first sees them), ``+ plan`` (the masks rebuilt in every call: the first layer's cost) and
+  ``flex eager`` (torch's unfused implementation, as the backend runs on the CPU by default).
 - ``--compile``: time a from-scratch build of the decode kernel in a temporary directory.
 
 On a shared machine, multi-threaded timings of small calls mostly measure how long OpenMP waits for a descheduled
@@ -192,11 +196,42 @@ def bench_sdpa(repeat: int, dtype: torch.dtype) -> None:
         _table(f"raw SDPA on one padded batch, {dtype}", group)
 
 
+def bench_flex(repeat: int, dtype: torch.dtype) -> None:
+    import warnings
+
+    from server.attention.flex import FlexBackend
+
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    ref, cpu = ReferenceBackend(), CpuBackend()
+    compiled, replanned, eager = FlexBackend(compile=True), FlexBackend(compile=True), FlexBackend()
+    atol = 2e-2 if dtype != torch.float32 else 1e-5
+
+    def replan(q, kc, vc, meta):
+        replanned._plan = None
+        return replanned.forward(q, kc, vc, meta, SCALE)
+
+    cases = []
+    for name, rows in {"64 decode rows, ctx 40": [(39, 1)] * 64, "16 x 20 new, 19 cached": [(19, 20)] * 16,
+                       "32 decode + 4 x 20 new": [(71, 1)] * 32 + [(19, 20)] * 4}.items():
+        kc, vc, q, meta = _setup(rows, dtype)
+        expect = ref.forward(q, kc, vc, meta, SCALE)
+        with torch.inference_mode():
+            for b in (compiled, eager):
+                assert torch.allclose(b.forward(q, kc, vc, meta, SCALE).float(), expect.float(), atol=atol)
+            cases.append((name, _time({
+                "cpu backend": partial(cpu.forward, q, kc, vc, meta, SCALE),
+                "flex compiled": partial(compiled.forward, q, kc, vc, meta, SCALE),
+                "flex compiled + plan": partial(replan, q, kc, vc, meta),
+                "flex eager": partial(eager.forward, q, kc, vc, meta, SCALE),
+            }, repeat)))
+    _table(f"flex vs cpu backend, one layer, {dtype}", cases)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--only", choices=["decode", "prefill", "sdpa"], default=None)
+    p.add_argument("--only", choices=["decode", "prefill", "sdpa", "flex"], default=None)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--compile", action="store_true", help="time a from-scratch kernel build first")
     p.add_argument("--cpu-time", action="store_true",
@@ -223,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         bench_prefill(a.repeat, dtype)
     if a.only in (None, "sdpa"):
         bench_sdpa(a.repeat, dtype)
+    if a.only == "flex":
+        bench_flex(a.repeat, dtype)
 
 
 if __name__ == "__main__":

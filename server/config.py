@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_waiting: int = Field(_E.max_waiting, ge=1, description="Most queued requests before new ones get 503.")
 
+    attention_backend: Literal["auto", "cpu", "flex", "reference"] = Field(
+        _E.attention_backend, description="auto: cpu on the CPU, flex (FlexAttention, compiled) on CUDA; "
+        "reference: slow, for tests."
+    )
     attention_kernel: bool = Field(
         _E.attention_kernel, description="CPU: decode attention in the compiled paged kernel (built once, cached); "
         "off = pure-torch path."
@@ -88,7 +92,8 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_bytes=self.kv_cache_bytes, prompt_kv_cache_bytes=self.prompt_kv_cache_bytes,
             block_size=self.block_size, max_virtual_tokens=self.max_virtual_tokens, max_waiting=self.max_waiting,
-            attention_kernel=self.attention_kernel, packed_weights=self.packed_weights,
+            attention_backend=self.attention_backend, attention_kernel=self.attention_kernel,
+            packed_weights=self.packed_weights,
         )
 
     @field_validator("admin_token", mode="after")

@@ -22,8 +22,12 @@ class EngineConfig:
         block_size: token positions per KV block.
         max_virtual_tokens: largest soft prompt accepted, tokens.
         max_waiting: most queued requests before new ones are refused.
-        attention_kernel: on the CPU, run decode attention in the compiled paged kernel
-            (:mod:`server.attention.cpu`); False uses the pure-torch path.
+        attention_backend: ``auto`` (``cpu`` on the CPU, ``flex`` on CUDA), ``cpu`` (:mod:`server.attention.cpu`:
+            paged decode kernel + grouped SDPA; its pure-torch path on CUDA), ``flex``
+            (:mod:`server.attention.flex`: FlexAttention over the paged pool, Triton-compiled on CUDA, eager and
+            slow on the CPU) or ``reference`` (per-row gather + SDPA, tests).
+        attention_kernel: with the ``cpu`` backend on the CPU, run decode attention in the compiled paged kernel;
+            False uses the pure-torch path.
         packed_weights: on the CPU in fp32, run the projections on MKL packed weights (:mod:`server.llama`; two
             extra copies of the linear weights in memory, 1.25-2x faster decode matmuls).
     """
@@ -35,5 +39,6 @@ class EngineConfig:
     block_size: int = 16
     max_virtual_tokens: int = 128
     max_waiting: int = 1024
+    attention_backend: str = "auto"
     attention_kernel: bool = True
     packed_weights: bool = True

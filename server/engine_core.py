@@ -48,7 +48,8 @@ class EngineCore:
         self.prompt_cache = PromptKVCache(self.pool, config.prompt_kv_cache_bytes, self.bytes_per_token)
         self.scheduler = Scheduler(self.pool, self.prompt_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded, KVPool(num_blocks, bs, layers, kvh, hd, loaded.dtype, loaded.device),
-                                  backend, config.attention_kernel, config.packed_weights)
+                                  backend, config.attention_kernel, config.packed_weights,
+                                  config.attention_backend)
         self.outputs = OutputProcessor(loaded.tokenizer, frozenset(loaded.eos_token_ids), metrics)
         self.steps = 0
         self._prefetch: OrderedDict[str, object] = OrderedDict()  # prompt key -> SoftPrompt, waiting for idle time

@@ -158,6 +158,9 @@ class LlamaLayers:
         cos = cos[0, :, None]  # [T, 1, D]
         sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)  # rotate_half's sign folded in
         nqk = (H + KVH) * D
+        prepare = getattr(self.backend, "prepare", None)  # optional per-step hook of the backend
+        if prepare is not None:
+            prepare(meta, k_cache, v_cache)
         I = self.intermediate  # noqa: E741 - the MLP's intermediate size, as in the papers
         for li, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_layernorm)

@@ -71,12 +71,37 @@ class StepResult:
     failed: frozenset[str]
 
 
-def default_backend(device: torch.device, use_kernel: bool = True) -> AttentionBackend:
-    """The attention backend for ``device``: the CPU backend (grouped SDPA prefill, paged decode kernel when
-    ``use_kernel``). CUDA has no backend of its own yet: the CPU backend's torch path runs there too."""
-    from server.attention.cpu import CpuBackend
+#: Values of ``EngineConfig.attention_backend``.
+ATTENTION_BACKENDS = ("auto", "cpu", "flex", "reference")
 
-    return CpuBackend(use_kernel=use_kernel and torch.device(device).type == "cpu")
+
+def default_backend(device: torch.device, use_kernel: bool = True, name: str = "auto") -> AttentionBackend:
+    """The attention backend called ``name`` for ``device``.
+
+    ``auto`` is ``cpu`` on the CPU and ``flex`` on CUDA. ``cpu``: grouped SDPA prefill and, on the CPU when
+    ``use_kernel``, the C++ paged decode kernel (on CUDA its pure-torch path runs); ``flex``:
+    :class:`~server.attention.flex.FlexBackend` (compiled on CUDA, eager on the CPU); ``reference``: per-row
+    gather + SDPA (slow; tests).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    dev = torch.device(device)
+    if name == "auto":
+        name = "flex" if dev.type == "cuda" else "cpu"
+    if name == "cpu":
+        from server.attention.cpu import CpuBackend
+
+        return CpuBackend(use_kernel=use_kernel and dev.type == "cpu")
+    if name == "flex":
+        from server.attention.flex import FlexBackend
+
+        return FlexBackend()
+    if name == "reference":
+        from server.attention.reference import ReferenceBackend
+
+        return ReferenceBackend()
+    raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
 
 
 class ModelRunner:
@@ -85,19 +110,19 @@ class ModelRunner:
     Args:
         loaded: the frozen model.
         pool: the KV tensors (block ids match the scheduler's :class:`~server.block_pool.BlockPool`).
-        backend: attention backend; :func:`default_backend` if None.
-        attention_kernel: passed to :func:`default_backend`.
+        backend: attention backend; ``default_backend(device, attention_kernel, attention_backend)`` if None.
+        attention_kernel, attention_backend: passed to :func:`default_backend`.
         packed_weights: passed to :class:`~server.llama.LlamaLayers`.
     """
 
     def __init__(self, loaded: LoadedModel, pool: KVPool, backend: AttentionBackend | None = None,
-                 attention_kernel: bool = True, packed_weights: bool = True) -> None:
+                 attention_kernel: bool = True, packed_weights: bool = True, attention_backend: str = "auto") -> None:
         self.loaded = loaded
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.pool = pool
-        self.model = LlamaLayers(loaded.model, backend or default_backend(loaded.device, attention_kernel),
-                                 packed_weights)
+        backend = backend or default_backend(loaded.device, attention_kernel, attention_backend)
+        self.model = LlamaLayers(loaded.model, backend, packed_weights)
         self._tails: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt key -> [L, r, KVH, D] K and V
         self.tail_bytes = 0  # bytes of the tails, kept outside the pool
         self._generators: dict[str, torch.Generator] = {}  # request_id -> its sampling generator

@@ -25,7 +25,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 class AttentionBackend(Protocol):
     """How a layer's attention is computed. Implementations: :mod:`server.attention.cpu` (SDPA prefill + paged
-    decode kernel), :mod:`server.attention.reference` (gather-based, for tests)."""
+    decode kernel), :mod:`server.attention.flex` (FlexAttention, compiled on CUDA), :mod:`server.attention.reference`
+    (gather-based, for tests).
+
+    A backend may also define ``prepare(meta, k_pool, v_pool)``: the layer walk then calls it once per step, before
+    the first layer, with the whole pool (``[layers, num_blocks, block_size, KVH, D]``).
+    """
 
     name: str
 
