@@ -13,7 +13,7 @@ PORT ?= 8000
 SOFTPROMPT_ADMIN_TOKEN ?= dev-admin-token
 export SOFTPROMPT_ADMIN_TOKEN
 
-.PHONY: setup model serve test lint bench clean
+.PHONY: setup model serve test lint bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/softprompt bench --server http://$(HOST):$(PORT) --admin-token $(SOFTPROMPT_ADMIN_TOKEN) $(ARGS)
+
+# What bench/gpu_check.py needs that the device machine's image lacks, as CPython 3.12 wheels in .whl/ (carried
+# there; README "GPU"). Needs network here.
+GPU_WHEELS ?= pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 python-dotenv==1.2.4 watchfiles==1.3.0 typing_extensions==4.16.0
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
+# The device check on a CUDA machine (GPU_PYTHON: a Python whose torch is a CUDA build); ARGS="--tiny" runs it on
+# the CPU. README "GPU".
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
