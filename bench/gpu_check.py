@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hbm-tbps", type=float, default=HBM_TBPS_H200, help="bandwidth of the roofline, TB/s")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip both Hugging Face legs")
-    ap.add_argument("--pytest-timeout", type=float, default=240.0, help="seconds for the CUDA tests")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="start no section after this many seconds")
+    ap.add_argument("--pytest-timeout", type=float, default=150.0, help="seconds for the CUDA tests")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no leg after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 

@@ -127,7 +127,7 @@ def test_run_tests_records_the_summary_and_the_output(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", fake_run)
     report = gpu_check.Report(str(tmp_path))
     gpu_check.run_tests(report, gpu_check.resolve(gpu_check.build_parser().parse_args(["--out", str(tmp_path)])))
-    assert seen["cmd"][-1] == "tests/server/test_cuda.py" and "cuda" in seen["cmd"] and seen["timeout"] == 240.0
+    assert seen["cmd"][-1] == "tests/server/test_cuda.py" and "cuda" in seen["cmd"] and seen["timeout"] == 150.0
     assert (seen["cwd"] / "tests/server/test_cuda.py").exists()
     t = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["tests"]
     assert t["exit"] == 1 and t["counts"] == {"passed": 2, "failed": 1}
