@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         _E.prompt_kv_cache_bytes, ge=0,
         description="Budget for soft prompts' shared virtual-token KV kept while unused, bytes (README: sizing).",
     )
+    prompt_kv_host_bytes: int = Field(
+        _E.prompt_kv_host_bytes, ge=0, description="Host (CPU) tier for evicted prompts' KV, bytes; copied back "
+        "instead of recomputed. 0 = off (worth it on a GPU).",
+    )
     block_size: int = Field(_E.block_size, ge=1, le=1024, description="Token positions per KV block.")
     default_max_new_tokens: int = Field(64, ge=1)
     max_waiting: int = Field(_E.max_waiting, ge=1, description="Most queued requests before new ones get 503.")
@@ -91,6 +95,7 @@ class Settings(BaseSettings):
         return EngineConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_bytes=self.kv_cache_bytes, prompt_kv_cache_bytes=self.prompt_kv_cache_bytes,
+            prompt_kv_host_bytes=self.prompt_kv_host_bytes,
             block_size=self.block_size, max_virtual_tokens=self.max_virtual_tokens, max_waiting=self.max_waiting,
             attention_backend=self.attention_backend, attention_kernel=self.attention_kernel,
             packed_weights=self.packed_weights,

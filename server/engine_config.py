@@ -19,6 +19,9 @@ class EngineConfig:
             SmolLM2-135M fp32 prompts of 20 virtual tokens: each keeps 19 positions x 46,080 bytes = 855 KiB. For
             another model, one prompt costs ``(n - 1) * 2 * layers * kv_heads * head_dim * dtype_bytes`` (``n``
             instead of ``n - 1`` for prefix tuning).
+        prompt_kv_host_bytes: the host tier of the prompt-KV cache (:mod:`server.prompt_kv_tier`): evicted prompts'
+            KV kept in CPU memory up to this many bytes and copied back instead of recomputed. 0 (the default)
+            turns it off; it pays on an accelerator, where it replaces a forward pass by a host-to-device copy.
         block_size: token positions per KV block.
         max_virtual_tokens: largest soft prompt accepted, tokens.
         max_waiting: most queued requests before new ones are refused.
@@ -36,6 +39,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     kv_cache_bytes: int = 1024**3
     prompt_kv_cache_bytes: int = 1024**3
+    prompt_kv_host_bytes: int = 0
     block_size: int = 16
     max_virtual_tokens: int = 128
     max_waiting: int = 1024

@@ -19,6 +19,7 @@ from server.model_loader import LoadedModel
 from server.model_runner import ModelRunner
 from server.outputs import OutputProcessor, RequestOutput, make_output
 from server.prompt_cache import PromptKVCache
+from server.prompt_kv_tier import HostPromptKV
 from server.request import Request, RequestStatus, SamplingParams, cached_prompt_positions
 from server.scheduler import Scheduler, SchedulerOutput
 
@@ -47,9 +48,11 @@ class EngineCore:
         self.pool = BlockPool(num_blocks, bs)
         self.prompt_cache = PromptKVCache(self.pool, config.prompt_kv_cache_bytes, self.bytes_per_token)
         self.scheduler = Scheduler(self.pool, self.prompt_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        host_tier = HostPromptKV(config.prompt_kv_host_bytes, pin_memory=loaded.device.type == "cuda") \
+            if config.prompt_kv_host_bytes else None
         self.runner = ModelRunner(loaded, KVPool(num_blocks, bs, layers, kvh, hd, loaded.dtype, loaded.device),
                                   backend, config.attention_kernel, config.packed_weights,
-                                  config.attention_backend)
+                                  config.attention_backend, host_tier)
         self.outputs = OutputProcessor(loaded.tokenizer, frozenset(loaded.eos_token_ids), metrics)
         self.steps = 0
         self._prefetch: OrderedDict[str, object] = OrderedDict()  # prompt key -> SoftPrompt, waiting for idle time

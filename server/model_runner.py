@@ -28,6 +28,7 @@ from server.attention.metadata import RowSpec, build_metadata
 from server.kv_pool import KVPool
 from server.llama import LlamaLayers
 from server.model_loader import LoadedModel
+from server.prompt_kv_tier import HostPromptKV
 from server.sampler import sample
 from server.scheduler import ScheduledRow, SchedulerOutput
 
@@ -116,7 +117,8 @@ class ModelRunner:
     """
 
     def __init__(self, loaded: LoadedModel, pool: KVPool, backend: AttentionBackend | None = None,
-                 attention_kernel: bool = True, packed_weights: bool = True, attention_backend: str = "auto") -> None:
+                 attention_kernel: bool = True, packed_weights: bool = True, attention_backend: str = "auto",
+                 host_tier: HostPromptKV | None = None) -> None:
         self.loaded = loaded
         self.device = loaded.device
         self.dtype = loaded.dtype
@@ -126,6 +128,7 @@ class ModelRunner:
         self._tails: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt key -> [L, r, KVH, D] K and V
         self.tail_bytes = 0  # bytes of the tails, kept outside the pool
         self._generators: dict[str, torch.Generator] = {}  # request_id -> its sampling generator
+        self.host_tier = host_tier  # evicted prompts' KV on the host, or None
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int = 0, max_rows: int = 0) -> None:
@@ -153,10 +156,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepResult:
         """Run ``plan``: prompt KV first, then the rows; sample rows that complete their prompt."""
-        for key in plan.evicted_prompts:
-            tail = self._tails.pop(key, None)
+        for entry in plan.evicted_prompts:
+            tail = self._tails.pop(entry.key, None)
             if tail is not None:
                 self.tail_bytes -= tail[0].nbytes + tail[1].nbytes
+            if self.host_tier is not None and entry.computed:
+                self._save_to_host(entry, tail)
         for rid in plan.finished_ids:
             self._generators.pop(rid, None)
         if plan.prompts_to_compute:
@@ -223,6 +228,8 @@ class ModelRunner:
         group: list = []
         used = 0
         for entry, req in todo:
+            if self._restore_from_host(entry, req):
+                continue
             if req.soft_prompt.is_prefix:
                 self._write_prefix(entry, req)
                 continue
@@ -251,15 +258,45 @@ class ModelRunner:
         """Write a prefix prompt's keys and values for positions ``0..p-1`` into the entry's full blocks and the
         creating request's first own block (the tail), cast to the pool's dtype, then keep the tail."""
         k, v = prefix_kv(req.soft_prompt.embeddings, self.pool.k.shape[0], self.pool.k.shape[-2])
-        k, v = (t.to(device=self.device, dtype=self.pool.k.dtype) for t in (k, v))
+        own = self._write_span(entry, req, *(t.to(device=self.device, dtype=self.pool.k.dtype) for t in (k, v)))
+        if own is not None:
+            self._keep_tail(entry, own)
+
+    def _write_span(self, entry, req, k: torch.Tensor, v: torch.Tensor) -> int | None:
+        """Write ``k``/``v`` ``[L, p, KVH, D]`` (positions ``0..p-1`` of ``entry``) into its full blocks and the
+        creating request's first own block (the tail); returns that block, or None when there is no tail."""
         bs = self.pool.block_size
         own = req.block_table[len(entry.full_blocks)] if entry.tail_len else None
         for i, block in enumerate([*entry.full_blocks, *([own] if own is not None else [])]):
             lo, hi = i * bs, min((i + 1) * bs, entry.num_tokens)
             self.pool.k[:, block, : hi - lo] = k[:, lo:hi]
             self.pool.v[:, block, : hi - lo] = v[:, lo:hi]
+        return own
+
+    def _save_to_host(self, entry, tail) -> None:
+        """Copy an evicted entry's ``p`` positions (full blocks, then the kept tail) to the host tier; its blocks
+        are free but not yet rewritten (eviction is applied before anything in the step writes the pool)."""
+        L, _, bs, kvh, d = self.pool.k.shape
+        full = list(entry.full_blocks)
+        parts_k = [self.pool.k[:, full].reshape(L, len(full) * bs, kvh, d)]
+        parts_v = [self.pool.v[:, full].reshape(L, len(full) * bs, kvh, d)]
+        if tail is not None:
+            parts_k.append(tail[0])
+            parts_v.append(tail[1])
+        self.host_tier.put(entry.key, torch.cat(parts_k, 1), torch.cat(parts_v, 1))
+
+    def _restore_from_host(self, entry, req) -> bool:
+        """Fill a new entry from the host tier when it holds that prompt's KV; returns whether it did."""
+        if self.host_tier is None:
+            return False
+        kept = self.host_tier.take(entry.key)
+        if kept is None:
+            return False
+        k, v = (t.to(self.device, non_blocking=True) for t in kept)
+        own = self._write_span(entry, req, k, v)
         if own is not None:
             self._keep_tail(entry, own)
+        return True
 
     def _keep_tail(self, entry, own: int) -> None:
         """Keep the tail of a freshly filled entry (positions ``0..tail_len-1`` of block ``own``) as tensors."""

@@ -66,7 +66,7 @@ class PromptKVCache:
         self.budget_bytes = budget_bytes
         self.bytes_per_token = bytes_per_token
         self._entries: OrderedDict[str, PromptKV] = OrderedDict()
-        self._evicted: list[str] = []
+        self._evicted: list[PromptKV] = []
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -161,8 +161,9 @@ class PromptKVCache:
             if self.nbytes <= self.budget_bytes:
                 return
 
-    def drain_evicted(self) -> list[str]:
-        """Keys evicted since the last call (the runner drops their tails)."""
+    def drain_evicted(self) -> list[PromptKV]:
+        """Entries evicted since the last call: the runner drops their tails and, with a host tier, copies the
+        computed ones out of their blocks before anything writes those blocks again."""
         out, self._evicted = self._evicted, []
         return out
 
@@ -170,7 +171,7 @@ class PromptKVCache:
         del self._entries[entry.key]
         self.nbytes -= entry.nbytes
         self.pool.release(entry.full_blocks)
-        self._evicted.append(entry.key)
+        self._evicted.append(entry)
 
 
 __all__ = ["BlockPoolExhausted", "PromptKV", "PromptKVCache"]

@@ -52,7 +52,8 @@ class SchedulerOutput:
             ``request.soft_prompt``, into the entry's full blocks and (the tail) the request's first own block.
         tail_copies: ``(request, entry)``: copy the entry's tail into the request's first own block (every
             request of an entry but the one that created it).
-        evicted_prompts: prompt-KV keys evicted since the last step (the runner drops their tails).
+        evicted_prompts: prompt-KV entries evicted since the last step (the runner drops their tails and may keep
+            their KV in the host tier; their blocks are free but not yet rewritten).
         finished_ids: requests finished since the last step (the runner drops their state).
         preempted: requests preempted this step.
         num_batched_tokens: sum of the rows' ``num_tokens``.
@@ -62,7 +63,7 @@ class SchedulerOutput:
     admitted: list[Request] = field(default_factory=list)
     prompts_to_compute: list[tuple[PromptKV, Request]] = field(default_factory=list)
     tail_copies: list[tuple[Request, PromptKV]] = field(default_factory=list)
-    evicted_prompts: list[str] = field(default_factory=list)
+    evicted_prompts: list[PromptKV] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     num_batched_tokens: int = 0

@@ -15,6 +15,11 @@ from server.prompt_cache import PromptKV, PromptKVCache
 BPT = 10  # bytes per token
 
 
+
+def keys(entries) -> list[str]:
+    """The keys of evicted entries, in eviction order."""
+    return [e.key for e in entries]
+
 def make(num_blocks: int = 16, block_size: int = 4, budget: int = 10_000) -> tuple[BlockPool, PromptKVCache]:
     pool = BlockPool(num_blocks, block_size)
     return pool, PromptKVCache(pool, budget, BPT)
@@ -89,7 +94,7 @@ def test_release_keeps_the_entry_under_budget():
     assert entry.users == 0
     assert len(cache) == 1 and cache.nbytes == 100
     assert refs(pool) == [1, 1, 0, 0, 0, 0, 0, 0]  # the cache's own reference only
-    assert cache.drain_evicted() == []
+    assert keys(cache.drain_evicted()) == []
     again, created = cache.acquire("a", 10)
     assert not created and again is entry and refs(pool)[:2] == [2, 2]
 
@@ -97,7 +102,7 @@ def test_release_keeps_the_entry_under_budget():
 def test_release_evicts_least_recently_used_unused_entries_over_budget():
     pool, cache = make(num_blocks=16, budget=300)
     a, b, c = (cached(pool, cache, k, 10) for k in "abc")  # 100 bytes each: exactly the budget
-    assert len(cache) == 3 and cache.nbytes == 300 and cache.drain_evicted() == []
+    assert len(cache) == 3 and cache.nbytes == 300 and keys(cache.drain_evicted()) == []
     assert (a.full_blocks, b.full_blocks, c.full_blocks) == ((0, 1), (2, 3), (4, 5))
     hit, _ = cache.acquire("a", 10)  # a becomes the most recently used: LRU order b, c, a
     drop_user(pool, cache, hit)
@@ -105,15 +110,15 @@ def test_release_evicts_least_recently_used_unused_entries_over_budget():
     assert created and cache.nbytes == 400  # over budget, but d is not computed yet: trimmed when it is
     cache.mark_computed(d)
     assert cache.nbytes == 300 and len(cache) == 3
-    assert cache.drain_evicted() == ["b"]
-    assert cache.drain_evicted() == []  # listed once
+    assert keys(cache.drain_evicted()) == ["b"]
+    assert keys(cache.drain_evicted()) == []  # listed once
     assert pool.ref_count(2) == 0 and pool.ref_count(3) == 0  # b's blocks are free again
     drop_user(pool, cache, d)
-    assert cache.nbytes == 300 and cache.drain_evicted() == []
+    assert cache.nbytes == 300 and keys(cache.drain_evicted()) == []
     # a smaller budget evicts in LRU order: c, then a
     cache.budget_bytes = 150
     cache.trim()
-    assert cache.drain_evicted() == ["c", "a"] and len(cache) == 1 and cache.nbytes == 100
+    assert keys(cache.drain_evicted()) == ["c", "a"] and len(cache) == 1 and cache.nbytes == 100
 
 
 def test_entries_in_use_are_never_evicted():
@@ -124,13 +129,13 @@ def test_entries_in_use_are_never_evicted():
     cache.mark_computed(b)
     cache.trim()
     # 200 bytes over a budget of 150, but both are held by running requests
-    assert len(cache) == 2 and cache.nbytes == 200 and cache.drain_evicted() == []
+    assert len(cache) == 2 and cache.nbytes == 200 and keys(cache.drain_evicted()) == []
     assert cache.make_room(pool.num_blocks) is False  # nothing unused to evict
-    assert len(cache) == 2 and cache.drain_evicted() == []
+    assert len(cache) == 2 and keys(cache.drain_evicted()) == []
     drop_user(pool, cache, a)  # a unused, total over budget: evicted
-    assert cache.drain_evicted() == ["a"] and len(cache) == 1 and cache.nbytes == 100
+    assert keys(cache.drain_evicted()) == ["a"] and len(cache) == 1 and cache.nbytes == 100
     drop_user(pool, cache, b)  # under budget now: kept
-    assert len(cache) == 1 and cache.drain_evicted() == []
+    assert len(cache) == 1 and keys(cache.drain_evicted()) == []
 
 
 def test_make_room_evicts_unused_entries_lru_first_to_free_blocks():
@@ -141,11 +146,11 @@ def test_make_room_evicts_unused_entries_lru_first_to_free_blocks():
     c = cached(pool, cache, "c", 8)
     assert (a.full_blocks, b.full_blocks, c.full_blocks) == ((0, 1), (2, 3), (4, 5))
     assert pool.num_free == 2
-    assert cache.make_room(2) is True and cache.drain_evicted() == []  # already free: nothing evicted
+    assert cache.make_room(2) is True and keys(cache.drain_evicted()) == []  # already free: nothing evicted
     assert cache.make_room(3) is True
-    assert cache.drain_evicted() == ["a"] and pool.num_free == 4 and len(cache) == 2
+    assert keys(cache.drain_evicted()) == ["a"] and pool.num_free == 4 and len(cache) == 2
     assert cache.make_room(6) is True
-    assert cache.drain_evicted() == ["c"] and pool.num_free == 6
+    assert keys(cache.drain_evicted()) == ["c"] and pool.num_free == 6
     assert cache.make_room(7) is False  # b is in use
     assert len(cache) == 1 and refs(pool)[2:4] == [2, 2]
 
@@ -157,9 +162,9 @@ def test_make_room_evicts_nothing_when_evicting_every_unused_entry_is_not_enough
     held = pool.allocate(3)  # a running request's own blocks
     assert pool.num_free == 1
     assert cache.make_room(6) is False
-    assert len(cache) == 2 and cache.drain_evicted() == [] and pool.num_free == 1
+    assert len(cache) == 2 and keys(cache.drain_evicted()) == [] and pool.num_free == 1
     pool.release(held)
-    assert cache.make_room(6) is True and cache.drain_evicted() == ["a"]
+    assert cache.make_room(6) is True and keys(cache.drain_evicted()) == ["a"]
 
 
 def test_acquire_of_a_new_prompt_evicts_unused_entries_to_fit():
@@ -168,7 +173,7 @@ def test_acquire_of_a_new_prompt_evicts_unused_entries_to_fit():
     cached(pool, cache, "b", 4)  # block 2
     assert pool.num_free == 1
     entry, created = cache.acquire("c", 9)  # 2 full blocks (+ a tail): one eviction is enough
-    assert created and cache.drain_evicted() == ["a"]
+    assert created and keys(cache.drain_evicted()) == ["a"]
     assert entry.full_blocks == (0, 1)  # a's blocks, reused
     assert len(cache) == 2 and cache.nbytes == (4 + 9) * BPT
 
@@ -180,7 +185,7 @@ def test_acquire_that_cannot_fit_raises_and_changes_nothing():
     pool.allocate(1)  # block 2, a request's own
     with pytest.raises(BlockPoolExhausted):
         cache.acquire("c", 13)  # 3 full blocks; evicting "a" would free only 2
-    assert len(cache) == 2 and cache.drain_evicted() == [] and pool.num_free == 1
+    assert len(cache) == 2 and keys(cache.drain_evicted()) == [] and pool.num_free == 1
     assert (cache.hits, cache.misses) == (0, 2) and cache.nbytes == 80
     assert user.users == 1
 
@@ -194,7 +199,7 @@ def test_an_uncomputed_entry_whose_last_user_releases_is_dropped():
     drop_user(pool, cache, entry)
     # never computed: nothing to keep, even far under budget; every block is free
     assert len(cache) == 0 and cache.nbytes == 0 and pool.num_free == 8
-    assert cache.drain_evicted() == ["a"]
+    assert keys(cache.drain_evicted()) == ["a"]
     again, created = cache.acquire("a", 10)
     assert created and again is not entry
 
@@ -244,4 +249,4 @@ def test_budget_zero_keeps_nothing_unused():
     assert len(cache) == 1
     drop_user(pool, cache, entry)
     assert len(cache) == 0 and cache.nbytes == 0 and pool.num_free == 8
-    assert cache.drain_evicted() == ["a"]
+    assert keys(cache.drain_evicted()) == ["a"]

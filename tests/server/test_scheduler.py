@@ -414,7 +414,7 @@ def test_unused_cached_prompts_are_evicted_before_anyone_is_preempted():
     assert s.pool.num_free == 0 and plan.evicted_prompts == [] and len(s.prompt_cache) == 1
     plan, _ = step(s)  # both cross into a third block: the cached prompt goes, nobody is preempted
     assert plan.preempted == [] and s.num_preemptions == 0
-    assert plan.evicted_prompts == [p.sha256] and len(s.prompt_cache) == 0
+    assert [e.key for e in plan.evicted_prompts] == [p.sha256] and len(s.prompt_cache) == 0
     assert rows_of(plan) == [("a", 8, 1), ("b", 8, 1)]
     assert len(a.block_table) == 3 and len(b.block_table) == 3 and s.pool.num_free == 0
     assert s.pool.num_used == 6
