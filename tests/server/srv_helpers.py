@@ -197,11 +197,8 @@ def new_request(spec: Spec) -> Request:
                    spec.prompt.task if spec.prompt else "")
 
 
-def run_sync(engine: Engine, specs: Sequence[Spec], max_steps: int = 10_000) -> list[Request]:
-    """Queue every spec (in order) into the engine's scheduler, then step until all are done.
-
-    All requests are queued before the first step, so they share steps as far as the limits allow.
-    """
+def queue_all(engine: Engine, specs: Sequence[Spec]) -> list[Request]:
+    """Check and queue every spec (in order) into the engine's scheduler without stepping; the queued requests."""
     reqs = []
     for spec in specs:
         req = new_request(spec)
@@ -209,6 +206,15 @@ def run_sync(engine: Engine, specs: Sequence[Spec], max_steps: int = 10_000) -> 
         req.eos_token_ids = engine.eos_token_ids
         engine.scheduler.add(req)
         reqs.append(req)
+    return reqs
+
+
+def run_sync(engine: Engine, specs: Sequence[Spec], max_steps: int = 10_000) -> list[Request]:
+    """Queue every spec (in order) into the engine's scheduler, then step until all are done.
+
+    All requests are queued before the first step, so they share steps as far as the limits allow.
+    """
+    reqs = queue_all(engine, specs)
     steps = 0
     while engine.scheduler.has_work():
         engine.step()

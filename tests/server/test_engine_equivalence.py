@@ -21,6 +21,7 @@ from srv_helpers import (
     make_prompt,
     new_request,
     peft_greedy_reference,
+    queue_all,
     rand_tensor,
     raw_bytes,
     run_alone,
@@ -370,10 +371,7 @@ def test_requests_of_one_prompt_share_its_kv_blocks(tiny_loaded):
     p = make_prompt("shared", rand_tensor(37, seed=210))
     specs = [Spec(ids_of(4 + i, 211 + i), p, 3) for i in range(8)]
     engine = make_engine(tiny_loaded)
-    reqs = [new_request(s) for s in specs]
-    for q in reqs:
-        q.eos_token_ids = engine.eos_token_ids
-        engine.core.add(q)
+    reqs = queue_all(engine, specs)
     plan = engine.step()
     assert len(plan.prompts_to_compute) == 1 and len(plan.tail_copies) == 7  # the creator computes its tail
     shared = reqs[0].block_table[:2]

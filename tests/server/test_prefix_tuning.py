@@ -13,6 +13,7 @@ from srv_helpers import (
     make_prompt,
     new_request,
     peft_greedy_reference,
+    queue_all,
     run_sync,
     save_peft_adapters,
 )
@@ -116,10 +117,7 @@ def test_prefix_blocks_are_shared_by_the_requests_of_a_prompt(tiny_loaded, tiny_
     prompts = served(tiny_loaded, tiny_prefix_peft)
     specs = [Spec(ids_of(3 + i, 400 + i), prompts["prefix"], 4) for i in range(6)]
     engine = make_engine(tiny_loaded)
-    reqs = [new_request(s) for s in specs]
-    for q in reqs:
-        q.eos_token_ids = engine.eos_token_ids
-        engine.core.add(q)
+    reqs = queue_all(engine, specs)
     plan = engine.step()
     assert len(plan.prompts_to_compute) == 1 and len(plan.tail_copies) == 5
     assert all(r.start >= 20 for r in plan.rows)  # no virtual position is recomputed
@@ -166,9 +164,7 @@ def test_prefix_prefetched_while_idle_is_a_cache_hit(tiny_loaded, tiny_prefix_pe
     assert len(cache) == 1 and cache.nbytes == 20 * engine.core.bytes_per_token
     assert engine.core.runner.tail_bytes == 4 * engine.core.bytes_per_token  # 20 % 16 positions
     ids = tiny_loaded.tokenizer("Prefetched")["input_ids"]
-    req = new_request(Spec(ids, prompts["prefix"], 5))
-    req.eos_token_ids = engine.eos_token_ids
-    engine.core.add(req)
+    (req,) = queue_all(engine, [Spec(ids, prompts["prefix"], 5)])
     plan = engine.step()
     assert plan.prompts_to_compute == [] and len(plan.tail_copies) == 1 and cache.hits == 1
     while engine.core.has_work():

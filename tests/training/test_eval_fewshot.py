@@ -158,28 +158,29 @@ def _check_stop_strings(backend, tp):
     assert [g.text for g in gens] == [ref.split(s)[0] for ref, s in zip(full, stops, strict=True)]
 
 
-def test_engine_runs_few_shot_and_two_prompts_like_the_references(tiny_loaded, two_prompts):
-    tp = two_prompts
-    backend = EngineBackend(tiny_loaded, "km", {"pa": tp["dir"] / "pa.safetensors", "pb": tp["dir"] / "pb.safetensors"})
-    assert {n: p.num_virtual_tokens for n, p in backend.prompts.items()} == {"pa": 4, "pb": 7}
+def _check_matches_references(backend, tp) -> None:
+    """Few-shot (text and chat) and the two prompts, evaluated through ``backend``, give the reference outputs; the
+    few-shot answer is the output's first non-empty line; stop strings behave (:func:`_check_stop_strings`)."""
     res = evaluate(tp["rows"], backend, conditions=("few_shot", "few_shot_chat", "pa", "pb"), instruction=INSTRUCTION,
                    max_new_tokens=tp["max_new"], prompts={"pa": False, "pb": True}, shots=tp["shots"], progress=False)
     for c in ("few_shot", "few_shot_chat", "pa", "pb"):
         assert [r["results"][c]["output"] for r in res["rows"]] == tp["refs"][c], c
     assert [r["results"]["few_shot"]["answer"] for r in res["rows"]] == [answer_line(t) for t in tp["refs"]["few_shot"]]
     _check_stop_strings(backend, tp)
+
+
+def test_engine_runs_few_shot_and_two_prompts_like_the_references(tiny_loaded, two_prompts):
+    tp = two_prompts
+    backend = EngineBackend(tiny_loaded, "km", {"pa": tp["dir"] / "pa.safetensors", "pb": tp["dir"] / "pb.safetensors"})
+    assert {n: p.num_virtual_tokens for n, p in backend.prompts.items()} == {"pa": 4, "pb": 7}
+    _check_matches_references(backend, tp)
 
 
 def test_http_runs_few_shot_two_prompts_and_stop_strings(make_client, tiny_loaded, two_prompts):
     tp = two_prompts
     client = make_client(prompts=tp["dir"])
     backend = HTTPBackend("http://testserver", "pa", http=client, concurrency=3, prompts={"pa": "pa", "pb": "pb"})
-    res = evaluate(tp["rows"], backend, conditions=("few_shot", "few_shot_chat", "pa", "pb"), instruction=INSTRUCTION,
-                   max_new_tokens=tp["max_new"], prompts={"pa": False, "pb": True}, shots=tp["shots"], progress=False)
-    for c in ("few_shot", "few_shot_chat", "pa", "pb"):
-        assert [r["results"][c]["output"] for r in res["rows"]] == tp["refs"][c], c
-    assert [r["results"]["few_shot"]["answer"] for r in res["rows"]] == [answer_line(t) for t in tp["refs"]["few_shot"]]
-    _check_stop_strings(backend, tp)
+    _check_matches_references(backend, tp)
 
 
 def test_cli_two_named_prompts_few_shot_from_train_jsonl(tiny_loaded, two_prompts, write_jsonl, tmp_path, capsys):
