@@ -37,8 +37,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from flags given (others from the environment, then defaults). Raises pydantic's
     ValidationError naming each bad value."""
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    if "admin_token" in given:
-        given["admin_token"] = SecretStr(given["admin_token"])
+    for secret in ("admin_token", "api_key"):
+        if secret in given:
+            given[secret] = SecretStr(given[secret])
     return Settings(**given)
 
 

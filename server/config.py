@@ -45,7 +45,12 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
 
     # --- prompts ----------------------------------------------------------------------------------------------
-    prompts: Path | None = Field(None, description="Directory of soft prompts, watched for changes.")
+    prompts: Path | None = Field(None, description="Directory of soft prompts, watched for changes; admin uploads "
+                                 "are written there.")
+    memory_prompts: bool = Field(
+        False, description="With no --prompts directory, accept admin uploads anyway and keep them in memory only "
+        "(lost on restart). Off: such uploads are refused (409).",
+    )
     watch: bool = Field(True, description="Hot-reload the prompt directory.")
     max_virtual_tokens: int = Field(_E.max_virtual_tokens, ge=1, description="Largest num_virtual_tokens accepted.")
     max_prompt_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest prompt file/upload, bytes.")
@@ -54,6 +59,17 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_token: SecretStr | None = Field(None, description="Bearer token for /v1/admin; unset = admin off.")
+    admin_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /v1/admin on this port only (a second listener on --admin-host); "
+        "the main port then answers 404 for admin paths. Unset: admin routes on the main port.",
+    )
+    admin_host: str | None = Field(None, description="Interface of the admin listener (default: --host).")
+    api_key: SecretStr | None = Field(
+        None, description="Bearer key required on inference routes (/v1/generate, /v1/tasks/..., /v1/completions, "
+        "/v1/chat/completions, /v1/models), as vLLM's --api-key; unset = open.",
+    )
+    docs: bool = Field(True, description="Serve /docs (Swagger UI, assets from the swagger-ui-bundle package, works "
+                       "offline) and /openapi.json.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- engine limits ----------------------------------------------------------------------------------------
@@ -74,7 +90,26 @@ class Settings(BaseSettings):
     )
     block_size: int = Field(_E.block_size, ge=1, le=1024, description="Token positions per KV block.")
     default_max_new_tokens: int = Field(64, ge=1)
-    max_waiting: int = Field(_E.max_waiting, ge=1, description="Most queued requests before new ones get 503.")
+    max_waiting: int = Field(_E.max_waiting, ge=1, description="Most queued requests before new ones get 429.")
+    max_waiting_tokens: int = Field(
+        _E.max_waiting_tokens, ge=1, description="Most prompt tokens (virtual + text) queued before new requests "
+        "get 429.",
+    )
+    request_timeout: float = Field(
+        300.0, gt=0, description="Default per-request deadline, seconds from arrival (a request's own 'timeout' "
+        "may shorten it); past it the request ends with finish_reason 'timeout' and frees its row.",
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest body of an inference request, bytes (413 beyond; checked "
+        "before the body is parsed).",
+    )
+    max_input_tokens: int | None = Field(
+        None, ge=1, description="Most text tokens in one request (400 beyond); default: the model's context length.",
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM: seconds running requests get to finish before they are ended with "
+        "finish_reason 'shutdown'; /ready is 503 and new requests get 503 meanwhile.",
+    )
 
     attention_backend: Literal["auto", "cpu", "flex", "reference"] = Field(
         _E.attention_backend, description="auto: cpu on the CPU, flex (FlexAttention, compiled) on CUDA; "
@@ -97,14 +132,15 @@ class Settings(BaseSettings):
             kv_cache_bytes=self.kv_cache_bytes, prompt_kv_cache_bytes=self.prompt_kv_cache_bytes,
             prompt_kv_host_bytes=self.prompt_kv_host_bytes,
             block_size=self.block_size, max_virtual_tokens=self.max_virtual_tokens, max_waiting=self.max_waiting,
+            max_waiting_tokens=self.max_waiting_tokens,
             attention_backend=self.attention_backend, attention_kernel=self.attention_kernel,
             packed_weights=self.packed_weights,
         )
 
-    @field_validator("admin_token", mode="after")
+    @field_validator("admin_token", "api_key", mode="after")
     @classmethod
     def _blank_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
-        """An empty or blank token means admin is off, never "any empty bearer matches"."""
+        """An empty or blank token or key means that gate is off, never "any empty bearer matches"."""
         return v if v is not None and v.get_secret_value().strip() else None
 
     @model_validator(mode="after")
@@ -114,4 +150,6 @@ class Settings(BaseSettings):
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so every running row can decode in one step"
             )
+        if self.admin_port is not None and self.admin_port == self.port and self.port != 0:
+            raise ValueError(f"admin_port ({self.admin_port}) must differ from port ({self.port})")
         return self

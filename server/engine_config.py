@@ -24,7 +24,9 @@ class EngineConfig:
             turns it off; it pays on an accelerator, where it replaces a forward pass by a host-to-device copy.
         block_size: token positions per KV block.
         max_virtual_tokens: largest soft prompt accepted, tokens.
-        max_waiting: most queued requests before new ones are refused.
+        max_waiting: most queued requests before new ones are refused (HTTP 429).
+        max_waiting_tokens: most prompt positions (virtual + text tokens) queued before new requests are refused
+            (HTTP 429); a bound on the queue's prefill work, so a few huge requests cannot fill it.
         attention_backend: ``auto`` (``cpu`` on the CPU, ``flex`` on CUDA), ``cpu`` (:mod:`server.attention.cpu`:
             paged decode kernel + grouped SDPA; its pure-torch path on CUDA), ``flex``
             (:mod:`server.attention.flex`: FlexAttention over the paged pool, Triton-compiled on CUDA, eager and
@@ -43,6 +45,7 @@ class EngineConfig:
     block_size: int = 16
     max_virtual_tokens: int = 128
     max_waiting: int = 1024
+    max_waiting_tokens: int = 256 * 1024
     attention_backend: str = "auto"
     attention_kernel: bool = True
     packed_weights: bool = True
