@@ -13,7 +13,7 @@ PORT ?= 8000
 SOFTPROMPT_ADMIN_TOKEN ?= dev-admin-token
 export SOFTPROMPT_ADMIN_TOKEN
 
-.PHONY: setup model serve test lint bench clean gpu-wheels gpu-check
+.PHONY: setup model serve test lint bench clean gpu-wheels gpu-check loadtest fuzz faults
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,17 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/softprompt bench --server http://$(HOST):$(PORT) --admin-token $(SOFTPROMPT_ADMIN_TOKEN) $(ARGS)
+
+# Reliability (README "Reliability"): each starts its own server(s) on loopback, prints its figures and exits
+# non-zero when a target is missed. Bounded; none is part of `make test` (which runs a smaller fuzz).
+loadtest: model
+	$(PY) -m bench.loadtest $(ARGS)
+
+fuzz: model
+	$(PY) -m bench.fuzz $(ARGS)
+
+faults: model
+	$(PY) -m bench.faults $(ARGS)
 
 # What bench/gpu_check.py needs that the device machine's image lacks, as CPython 3.12 wheels in .whl/ (carried
 # there; README "GPU"). Needs network here.
