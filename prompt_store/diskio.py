@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 import safetensors.torch
@@ -49,8 +50,71 @@ def signature(path: Path) -> tuple | None:
     return tuple(parts)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (e.g. ``0o022``), read without changing it where the OS allows.
+
+    Linux reports it in ``/proc/self/status``; elsewhere it is read by setting it to ``0o077`` for an instant
+    (restrictive, so a file another thread creates meanwhile is never more open than intended) and back.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        os.umask(old)
+    return old
+
+
+def plain_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: ``0o666 & ~umask`` (``0o644`` under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def plain_dir_mode() -> int:
+    """The mode a plain ``mkdir`` gives a new directory: ``0o777 & ~umask`` (``0o755`` under umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+def apply_plain_modes(path: Path, *, recursive: bool = True) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have given it (see :func:`plain_file_mode`).
+
+    For files made by tools that create them private (``tempfile.mkstemp`` / ``mkdtemp``: 0600 / 0700; some
+    library writers do the same), so that another user the umask lets in can read them. A directory gets
+    :func:`plain_dir_mode` and, with ``recursive``, everything under it its plain mode too. Symlinks are left
+    alone (never followed).
+
+    Raises:
+        OSError: a ``chmod`` failed (e.g. the path is owned by another user).
+    """
+    file_mode, dir_mode = plain_file_mode(), plain_dir_mode()
+    path = Path(path)
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    os.chmod(path, dir_mode)
+    if not recursive:
+        return
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), file_mode)
+
+
 def write_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data`` and fsync it.
+    """Create ``path`` (it must not exist), write ``data`` and fsync it. Its mode is a plain ``open``'s:
+    ``0o666 & ~umask``.
 
     Raises:
         OSError: ``FileExistsError`` if the path exists, or any write error.
@@ -80,6 +144,31 @@ def remove_entry(path: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     elif os.path.lexists(path):
         path.unlink()
+
+
+def replace_file(directory: Path, name: str, data: bytes) -> Path:
+    """Atomically (re)write ``<directory>/<name>`` with ``data``: temporary file, fsync, rename, directory fsync.
+
+    ``name`` may be a dot-name (``".versions.json"``); the temporary file is ``.<name without its dot>.tmp-<hex>``
+    (matched by :data:`OWN_TEMP_RE`, so a crash's leftover is removed by the next scan). Readers see the old
+    content or the new, never a mix.
+
+    Returns:
+        The final path.
+
+    Raises:
+        OSError: the write failed; the previous file is untouched and the temporary file removed.
+    """
+    final = directory / name
+    tmp = directory / _temp_name(name.lstrip("."), "tmp")
+    try:
+        write_file(tmp, data)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+    return final
 
 
 def write_raw(directory: Path, task: str, data: bytes) -> Path:

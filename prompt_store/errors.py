@@ -19,6 +19,8 @@ REASONS: dict[str, str] = {
     "missing_file": "a file a PEFT adapter directory needs, or the path itself, does not exist",
     "bad_archive": "an uploaded zip/tar is corrupt, or holds links, unsafe paths or too deep nesting",
     "ambiguous": "a task exists in the prompt directory both as <task>.safetensors and as <task>/",
+    "bad_version_book": "the prompt directory's version book (.versions.json) is unreadable or malformed; versions "
+    "restart from the files",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,9 @@ class SoftPrompt:
         sha256: :func:`tensor_sha256` of ``embeddings`` (kind + dtype name + shape + raw bytes); the prompt-KV
             cache's key.
         version: per task, 1 for the first content, +1 on every change of content; never goes backwards for a
-            task within the process, even across remove and re-add.
+            task within the process, even across remove and re-add. A store with a prompt directory keeps
+            versions across restarts too (:mod:`prompt_store.versions`): the same content comes back with the
+            same version.
         source: the file or directory path it was loaded from, or ``"upload"`` for in-memory uploads.
         peft_type: ``"PROMPT_TUNING"``, ``"P_TUNING"``, ``"PREFIX_TUNING"`` or ``"RAW"``.
         loaded_at: when this content was registered, unix seconds.
@@ -106,7 +109,10 @@ class PromptRegistry:
         with self._lock:
             return self._prompts.get(task)
 
-    def put(self, task: str, parsed: ParsedPrompt, source: str) -> tuple[SoftPrompt, str]:
+    def put(
+        self, task: str, parsed: ParsedPrompt, source: str, *, digest: str | None = None,
+        version: Callable[[str, int], int] | None = None,
+    ) -> tuple[SoftPrompt, str]:
         """Register ``parsed`` as the prompt of ``task``.
 
         The tensor is cloned, so later changes to ``parsed.embeddings`` cannot reach served prompts.
@@ -115,6 +121,11 @@ class PromptRegistry:
             task: task name; validated with :func:`prompt_store.formats.validate_task_name`.
             parsed: a validated prompt (``[num_virtual_tokens, width]``, see :class:`SoftPrompt`).
             source: where it came from (a path, or ``"upload"``).
+            digest: :func:`tensor_sha256` of ``parsed`` when the caller already has it (saves hashing twice).
+            version: ``version(digest, high_water)`` -> the version to issue to new content, called under the
+                lock (keep it cheap); ``high_water`` is the highest version issued to the task in this process
+                (0 if none), and the result must exceed it. Default: ``high_water + 1``. The version book
+                (:mod:`prompt_store.versions`) uses this to keep versions across restarts.
 
         Returns:
             ``(prompt, action)`` where ``action`` is ``"created"`` (task was absent, version =
@@ -124,9 +135,11 @@ class PromptRegistry:
 
         Raises:
             PromptError: reason ``"bad_name"`` for an invalid task name.
+            ValueError: ``version`` returned a version that is not above the task's high-water mark.
         """
         validate_task_name(task)
-        digest = tensor_sha256(parsed.embeddings, prefix=parsed.is_prefix)
+        if digest is None:
+            digest = tensor_sha256(parsed.embeddings, prefix=parsed.is_prefix)
         with self._lock:
             old = self._prompts.get(task)
         if old is not None and old.sha256 == digest:
@@ -136,7 +149,10 @@ class PromptRegistry:
             old = self._prompts.get(task)
             if old is not None and old.sha256 == digest:
                 return old, "unchanged"
-            version = self._high_water.get(task, 0) + 1
+            high = self._high_water.get(task, 0)
+            issued = high + 1 if version is None else version(digest, high)
+            if not isinstance(issued, int) or issued <= high:
+                raise ValueError(f"version for task {task!r}: expected an integer above {high}, got {issued!r}")
             prompt = SoftPrompt(
                 task=task,
                 embeddings=emb,
@@ -144,13 +160,13 @@ class PromptRegistry:
                 hidden_size=int(emb.shape[1]),
                 dtype=ALLOWED_DTYPES.get(emb.dtype, str(emb.dtype).removeprefix("torch.")),
                 sha256=digest,
-                version=version,
+                version=issued,
                 source=source,
                 peft_type=parsed.peft_type,
                 loaded_at=time.time(),
                 nbytes=emb.numel() * emb.element_size(),
             )
-            self._high_water[task] = version
+            self._high_water[task] = issued
             self._prompts[task] = prompt
             self._total_bytes += prompt.nbytes - (old.nbytes if old is not None else 0)
             return prompt, ("created" if old is None else "replaced")

@@ -5,6 +5,7 @@ Directory layout (one entry per task)::
     <dir>/<task>.safetensors     RAW: one tensor [num_virtual_tokens, hidden_size]
     <dir>/<task>/                PEFT 0.21 save_pretrained output (adapter_config.json,
                                  adapter_model.safetensors; README.md ignored)
+    <dir>/.versions.json         the version book (prompt_store.versions): versions kept across restarts
     <dir>/.<anything>            ignored (temporary files; this store's own are .<task>.tmp-<hex>
                                  and .<task>.old-<hex>, removed by scan())
 
@@ -21,11 +22,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import watchfiles
 
 from prompt_store.diskio import (
     OWN_TEMP_RE,
@@ -37,8 +35,10 @@ from prompt_store.diskio import (
     write_raw,
 )
 from prompt_store.errors import PromptError
-from prompt_store.formats import Limits, load_path, parse_upload, validate_task_name
+from prompt_store.formats import Limits, ParsedPrompt, load_path, parse_upload, validate_task_name
 from prompt_store.registry import PromptRegistry, SoftPrompt
+from prompt_store.versions import BOOK_NAME, VersionBook
+from prompt_store.watching import WatchingMixin
 
 logger = logging.getLogger("prompt_store")
 
@@ -56,7 +56,7 @@ def task_for_entry(name: str) -> str | None:
     return name[: -len(RAW_SUFFIX)] if name.endswith(RAW_SUFFIX) else name
 
 
-class PromptStore:
+class PromptStore(WatchingMixin):
     """Loads a prompt directory into ``registry``, watches it, and writes uploads into it atomically.
 
     Args:
@@ -68,7 +68,9 @@ class PromptStore:
             ``"created"`` or ``"replaced"`` a prompt (re-reads that find the same content stay silent).
         on_error: ``on_error(entry, error)`` for every refused directory entry, ambiguous task and watcher
             failure; ``entry`` is the entry name (or ``"<watcher>"``). Not called for refused uploads, which
-            raise instead.
+            raise instead. Also called with entry ``".versions.json"`` when the version book is unreadable or
+            malformed (a :class:`PromptError` with reason ``"bad_version_book"``, once) or cannot be written
+            (the ``OSError``); the prompts themselves are unaffected.
         on_remove: ``on_remove(task)`` when a task leaves the registry (file deleted or :meth:`delete`).
         poll: force polling in watchfiles (for network or container file systems without inotify). The store
             then also compares (mtime ns, size, inode) of every entry every 0.25 s, since watchfiles' poller
@@ -77,6 +79,10 @@ class PromptStore:
 
     Everything is also logged to ``logging.getLogger("prompt_store")``; a callback that raises is logged and
     otherwise ignored.
+
+    With a directory, versions are kept across restarts in its version book (:mod:`prompt_store.versions`):
+    scanning the same content after a restart gives it the version it had; a memory-only store numbers versions
+    per process.
     """
 
     def __init__(
@@ -103,6 +109,8 @@ class PromptStore:
         self._stop_event = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._book = VersionBook(self.directory) if self.directory is not None else None
+        self._book_reported = False
 
     def _dir(self) -> Path:
         if self.directory is None:
@@ -129,6 +137,36 @@ class PromptStore:
                         self._on_remove(event[1])
             except Exception:
                 logger.exception("prompt_store callback failed for event %s", event[0])
+
+    # ------------------------------------------------------------------------------------------- versions
+    def _put_locked(self, task: str, parsed: ParsedPrompt, source: str) -> tuple[SoftPrompt, str]:
+        """Register ``parsed``, issuing its version from the book when there is one (caller holds the lock)."""
+        book = self._book
+        if book is None:
+            return self.registry.put(task, parsed, source)
+        book.load()
+        prompt, action = self.registry.put(task, parsed, source,
+                                           version=lambda digest, high: book.version_for(task, digest, high))
+        book.record(task, prompt.sha256, prompt.version)
+        return prompt, action
+
+    def _forget_locked(self, task: str) -> None:
+        if self._book is not None:
+            self._book.load()
+            self._book.forget(task)
+
+    def _sync_book_locked(self, events: list[_Event]) -> None:
+        """Write pending version-book changes; report a bad book (once) or a failed write as events."""
+        book = self._book
+        if book is None:
+            return
+        if book.problem is not None and not self._book_reported:
+            self._book_reported = True
+            events.append(("error", BOOK_NAME, PromptError(book.problem, reason="bad_version_book")))
+        try:
+            book.flush()
+        except OSError as exc:
+            events.append(("error", BOOK_NAME, exc))
 
     # ------------------------------------------------------------------------------------------- reading
     def _remember(self, *entries: str) -> None:
@@ -163,6 +201,7 @@ class PromptStore:
             events.append(("error", entry, exc))
             return "error"
         if not has_raw and not has_tree:
+            self._forget_locked(task)
             if self.registry.remove(task) is not None:
                 events.append(("remove", task))
                 return "removed"
@@ -173,7 +212,7 @@ class PromptStore:
         except (PromptError, OSError) as exc:
             events.append(("error", path.name, exc))
             return "error"
-        prompt, action = self.registry.put(task, parsed, source=str(path))
+        prompt, action = self._put_locked(task, parsed, str(path))
         if action != "unchanged":
             events.append(("load", prompt, action))
         return action
@@ -195,6 +234,7 @@ class PromptStore:
         events: list[_Event] = []
         with self._lock:
             action = self._reconcile_locked(task_or_entry_name, events)
+            self._sync_book_locked(events)
         self._fire(events)
         return action
 
@@ -238,10 +278,17 @@ class PromptStore:
             for name in os.listdir(self.directory):
                 if OWN_TEMP_RE.fullmatch(name):
                     remove_entry(self.directory / name)
+            if self._book is not None:
+                self._book.load()
             entries = self._entries()
             on_disk = {task_for_entry(e) for e in entries}
             gone = [p.task for p in self.registry.list() if p.task not in on_disk]
             counts = self._reconcile_many([*entries, *gone], events)
+            if self._book is not None:  # tasks deleted while the server was down: their versions are spent
+                for task in self._book.tasks_served():
+                    if task not in on_disk:
+                        self._book.forget(task)
+            self._sync_book_locked(events)
         self._fire(events)
         return counts
 
@@ -255,91 +302,8 @@ class PromptStore:
             on_disk = {task_for_entry(e) for e in current}
             gone = [p.task for p in self.registry.list() if p.task not in on_disk]
             self._reconcile_many([*changed, *gone], events)
+            self._sync_book_locked(events)
         self._fire(events)
-
-    # ------------------------------------------------------------------------------------------- watching
-    def _top_entry(self, path: str) -> str | None:
-        try:
-            rel = Path(path).relative_to(self._dir())
-        except ValueError:
-            return None
-        return rel.parts[0] if rel.parts else ""
-
-    def _watch_filter(self, change: watchfiles.Change, path: str) -> bool:
-        entry = self._top_entry(path)
-        return entry is not None and not entry.startswith(".")
-
-    def _handle_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
-        entries = {self._top_entry(path) for _, path in changes}
-        if "" in entries:  # the directory itself changed (e.g. re-created): resync everything
-            self._resync()
-            return
-        events: list[_Event] = []
-        with self._lock:
-            self._reconcile_many(sorted(e for e in entries if e), events)
-        self._fire(events)
-
-    def _watch_loop(self) -> None:
-        backoff = 0.2
-        while not self._stop_event.is_set():
-            try:
-                self._dir().mkdir(parents=True, exist_ok=True)
-                inode = self._dir().stat().st_ino
-                fresh, last_resync = True, time.monotonic()
-                for changes in watchfiles.watch(
-                    self._dir(),
-                    watch_filter=self._watch_filter,
-                    debounce=self._debounce_ms,
-                    step=50,
-                    rust_timeout=250,
-                    yield_on_timeout=True,
-                    stop_event=self._stop_event,
-                    force_polling=True if self._poll else None,
-                    poll_delay_ms=100,
-                    raise_interrupt=False,
-                ):
-                    if changes:
-                        self._handle_changes(changes)
-                    # On (re)start the OS watch is live now: pick up what changed before it was. After that,
-                    # a periodic stat-based resync covers what the watcher can miss (the polling backend
-                    # compares mtimes in whole seconds; inotify can overflow).
-                    if fresh or time.monotonic() - last_resync >= self._resync_s:
-                        self._resync()
-                        last_resync = time.monotonic()
-                    if fresh:
-                        self._ready.set()
-                        fresh, backoff = False, 0.2
-                    if self._dir().stat().st_ino != inode:  # deleted (raises) or replaced: watch again
-                        logger.warning("prompt directory %s was replaced; watching the new one", self._dir())
-                        break
-            except Exception as exc:  # the watcher must never die
-                logger.exception("prompt directory watcher failed; restarting in %.1f s", backoff)
-                self._fire([("error", "<watcher>", exc)])
-                self._stop_event.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def start_watching(self, timeout: float = 5.0) -> bool:
-        """Start the daemon thread that reloads changed entries, usually within 0.5 s (always under 2 s).
-
-        Waits up to ``timeout`` seconds for the OS watch to be live, then returns whether it is. Any change
-        made before that (even before :meth:`scan`) is picked up by a resync when the watch starts. Does
-        nothing and returns ``False`` for a memory-only store; a second call returns the first one's state.
-        """
-        if self.directory is None:
-            return False
-        if self._thread is None:
-            self._stop_event.clear()
-            self._ready.clear()
-            self._thread = threading.Thread(target=self._watch_loop, name="prompt-store-watch", daemon=True)
-            self._thread.start()
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the watcher thread (within about 0.1 s) and wait up to ``timeout`` seconds for it."""
-        self._stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
 
     # ------------------------------------------------------------------------------------------- writing
     def upload(self, task: str, filename: str, data: bytes) -> tuple[SoftPrompt, str]:
@@ -362,19 +326,23 @@ class PromptStore:
         """
         validate_task_name(task)
         parsed = parse_upload(filename, data, self.limits)
+        events: list[_Event] = []
         with self._lock:
             if self.directory is None:
                 prompt, action = self.registry.put(task, parsed, "upload")
             else:
                 self.directory.mkdir(parents=True, exist_ok=True)
+                if self._book is not None:
+                    self._book.load()  # before the write, so a missing book is judged by the old contents
                 if parsed.peft_type == "RAW":
                     final = write_raw(self._dir(), task, data)
                 else:
                     final = write_peft(self._dir(), task, parsed)
                 fsync_dir(self.directory)
-                prompt, action = self.registry.put(task, parsed, str(final))
+                prompt, action = self._put_locked(task, parsed, str(final))
                 self._remember(f"{task}{RAW_SUFFIX}", task)
-        self._fire([("load", prompt, action)])
+                self._sync_book_locked(events)
+        self._fire([("load", prompt, action), *events])
         return prompt, action
 
     def delete(self, task: str) -> bool:
@@ -396,8 +364,13 @@ class PromptStore:
                     fsync_dir(self.directory)
                 self._remember(f"{task}{RAW_SUFFIX}", task)
             removed = self.registry.remove(task)
+            events: list[_Event] = []
+            if self.directory is not None:
+                self._forget_locked(task)
+                self._sync_book_locked(events)
         if removed is not None:
-            self._fire([("remove", task)])
+            events.insert(0, ("remove", task))
+        self._fire(events)
         return existed or removed is not None
 
     def get(self, task: str) -> SoftPrompt | None:

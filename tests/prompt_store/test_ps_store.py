@@ -115,7 +115,7 @@ def test_upload_raw_is_servable_and_reloadable(tmp_path, limits, raw_bytes):
         action == "created" and reg.get("qa") is prompt and prompt.source == str(tmp_path / "qa.safetensors")
     )
     assert rec.loads == [("qa", "created", 1)]
-    assert sorted(os.listdir(tmp_path)) == ["qa.safetensors"]  # no temp file left behind
+    assert sorted(os.listdir(tmp_path)) == [".versions.json", "qa.safetensors"]  # no temp file left behind
     assert store.upload("qa", "again.safetensors", raw_bytes(t)) == (prompt, "unchanged")
     fresh = PromptRegistry()
     assert PromptStore(tmp_path, fresh, limits).scan() == {"loaded": 1, "errors": 0}
@@ -129,12 +129,13 @@ def test_upload_switches_form_and_removes_the_other(
     store = PromptStore(tmp_path, reg, limits)
     a, b = torch.randn(3, 64), torch.randn(5, 64)
     store.upload("qa", "a.zip", make_zip(peft_files(a)))
-    assert sorted(os.listdir(tmp_path)) == ["qa"]
+    assert sorted(os.listdir(tmp_path)) == [".versions.json", "qa"]
     assert sorted(os.listdir(tmp_path / "qa")) == ["adapter_config.json", "adapter_model.safetensors"]
     prompt, action = store.upload("qa", "b.safetensors", raw_bytes(b))
-    assert action == "replaced" and prompt.version == 2 and sorted(os.listdir(tmp_path)) == ["qa.safetensors"]
+    assert action == "replaced" and prompt.version == 2
+    assert sorted(os.listdir(tmp_path)) == [".versions.json", "qa.safetensors"]
     prompt, action = store.upload("qa", "a.tgz", make_tar({"d/" + k: v for k, v in peft_files(a).items()}))
-    assert action == "replaced" and prompt.version == 3 and sorted(os.listdir(tmp_path)) == ["qa"]
+    assert action == "replaced" and prompt.version == 3 and sorted(os.listdir(tmp_path)) == [".versions.json", "qa"]
     got = safetensors.torch.load_file(str(tmp_path / "qa" / "adapter_model.safetensors"))["prompt_embeddings"]
     assert torch.equal(got, a)
 
@@ -182,7 +183,7 @@ def test_delete(tmp_path, limits, raw_bytes):
     store = PromptStore(tmp_path, reg, limits, **rec.kwargs())
     store.upload("qa", "p.safetensors", raw_bytes(torch.randn(6, 64)))
     assert store.delete("qa") is True
-    assert os.listdir(tmp_path) == [] and "qa" not in reg and rec.removes == ["qa"]
+    assert os.listdir(tmp_path) == [".versions.json"] and "qa" not in reg and rec.removes == ["qa"]
     assert store.delete("qa") is False and rec.removes == ["qa"]
     with pytest.raises(PromptError) as info:
         store.delete("../qa")

@@ -76,7 +76,8 @@ def test_add_replace_break_remove(watched, wait_for, raw_bytes):
     assert reg.get("qa") is good  # the good version keeps serving
     os.unlink(d / "qa.safetensors")
     wait_for(lambda: "qa" not in reg, DEADLINE_S, "remove")
-    assert events.removes == ["qa"]
+    # callbacks run after the store lock is released (and after the version book is written): wait for them too
+    wait_for(lambda: events.removes == ["qa"], DEADLINE_S, "remove callback")
     atomic_write(d / "qa.safetensors", raw_bytes(a))
     wait_for(lambda: same(reg, "qa", a), DEADLINE_S, "re-add")
     assert reg.get("qa").version == 3  # versions never go backwards
@@ -141,7 +142,8 @@ def test_watcher_survives_failing_callbacks(tmp_path, limits, raw_bytes, wait_fo
         wait_for(lambda: "one" in reg, DEADLINE_S, "first load")
         atomic_write(tmp_path / "two.safetensors", raw_bytes(torch.randn(2, 64)))
         wait_for(lambda: "two" in reg, DEADLINE_S, "load after a callback raised")
-        assert calls == ["one", "two"] and store._thread.is_alive()
+        wait_for(lambda: calls == ["one", "two"], DEADLINE_S, "callback after a callback raised")
+        assert store._thread.is_alive()
     finally:
         store.stop()
 
