@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from prompt_store.diskio import apply_plain_modes
 from prompt_store.formats import Limits
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,9 @@ def convert_gguf(gguf: Path, cache_root: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors model directory under ``cache_root``; return that directory.
 
     The cache key is the GGUF file's path, size and mtime. The directory is built in a temporary sibling and
-    renamed into place, so a crash never leaves half a cache. Following design notes section 6:
+    renamed into place, so a crash never leaves half a cache. The directory and its files get the modes a plain
+    ``mkdir`` / ``open`` gives (``0o755`` / ``0o644`` under umask 022), not the private ones of ``mkdtemp`` and the
+    safetensors writer, so a server running as another user can read the cache. Following design notes section 6:
     ``save_pretrained`` refuses GGUF-flagged models, so the state dict is written with safetensors (without
     ``lm_head.weight`` when embeddings are tied), and the config without its ``quantization_config``.
 
@@ -154,6 +157,7 @@ def convert_gguf(gguf: Path, cache_root: Path) -> Path:
             GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
         except Exception:  # noqa: BLE001 - a generation config is optional
             log.warning("could not write generation_config.json", exc_info=True)
+        apply_plain_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

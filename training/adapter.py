@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prompt_store.diskio import apply_plain_modes, plain_file_mode
 from server.model_loader import LoadedModel
 
 #: Written next to the adapter: how it was trained (the server ignores it; ``softprompt eval`` reads its template).
@@ -18,9 +19,15 @@ def save_adapter(peft_model, out: Path, loaded: LoadedModel, meta: dict) -> None
     Local paths in the PEFT config (``base_model_name_or_path``, and ``tokenizer_name_or_path`` of TEXT init) are
     replaced by the model id, so the adapter names the model and not this machine's cache. PEFT loads adapters
     with ``inference_mode=True``, which skips TEXT initialisation, so the tokenizer path is never needed again.
+
+    Every file written (and ``out`` itself, when this call creates it) gets the mode a plain ``open`` / ``mkdir``
+    gives (``0o644`` / ``0o755`` under umask 022): the safetensors writer alone leaves ``0o600``, which a server
+    running as another user cannot read.
     """
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in out.iterdir()}
     pcfg = peft_model.peft_config["default"]
     pcfg.base_model_name_or_path = loaded.model_id
     if getattr(pcfg, "tokenizer_name_or_path", None):
@@ -28,6 +35,13 @@ def save_adapter(peft_model, out: Path, loaded: LoadedModel, meta: dict) -> None
     peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     write_model_card(out, meta)
+    if created:
+        apply_plain_modes(out, recursive=False)
+    mode = plain_file_mode()
+    ours = {"adapter_config.json", "adapter_model.safetensors", "README.md", META_FILE}
+    for path in out.iterdir():  # what save_pretrained wrote (known names, or new), and the two files above
+        if (path.name in ours or path.name not in before) and path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def write_model_card(out: Path, meta: dict) -> None:
