@@ -3,15 +3,27 @@
 - ``PUT /v1/admin/prompts/{task}``: multipart upload in form field ``file``; its kind is told by its filename:
   ``.safetensors`` (one 2-D tensor) or ``.zip`` / ``.tar.gz`` holding a PEFT adapter directory. Validated before
   anything changes, written atomically into the prompt directory, servable when the response returns. 201 on
-  create, 200 on replace (or an identical re-upload).
+  create, 200 on replace (or an identical re-upload). The body's ``persisted`` says whether it is on disk.
 - ``GET /v1/admin/prompts``, ``GET /v1/admin/prompts/{task}``, ``DELETE /v1/admin/prompts/{task}``.
+
+Durability: with no prompt directory (``--prompts``) uploads and deletes answer 409 ``no_prompt_dir``, unless the
+server was started with ``--memory-prompts`` (tasks kept in memory only, ``"persisted": false``, lost on restart).
+
+Audit: every admin request that reaches a route logs one line at INFO on logger ``softprompt.audit``: ``action``,
+``task``, ``outcome`` (``created`` / ``replaced`` / ``unchanged`` / ``deleted`` / ``listed`` / ``found`` or the
+error code), HTTP ``status``, ``version`` and ``sha256`` (first 12 hex digits) when known, ``bytes`` uploaded and
+``client`` (the peer address). The same fields are attached to the record as ``record.audit`` (a dict). Tokens are
+never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from prompt_store.errors import PromptError
@@ -21,6 +33,40 @@ from server.api.deps import Admin, State
 from server.api.errors import APIError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+audit_log = logging.getLogger("softprompt.audit")
+
+#: Audit values written as they are; anything else (spaces, quotes, newlines in a refused task name) is JSON-quoted.
+_BARE = re.compile(r"[A-Za-z0-9_.:/+-]{1,200}")
+_AUDIT_FIELDS = ("action", "task", "outcome", "status", "version", "sha256", "bytes", "client")
+
+
+def audit(request: Request, action: str, *, task: str | None, outcome: str, status: int,
+          version: int | None = None, sha256: str | None = None, nbytes: int | None = None) -> None:
+    """Log one audit line for an admin action on ``softprompt.audit`` at INFO.
+
+    Args:
+        request: the HTTP request (its peer address is logged as ``client``).
+        action: ``upload``, ``delete``, ``list`` or ``get``.
+        task: the task named in the path (as given, even if invalid), or ``None`` for the listing.
+        outcome: what happened: ``created``, ``replaced``, ``unchanged``, ``deleted``, ``listed``, ``found``, or
+            the error code of a refusal (e.g. ``no_prompt_dir``, ``bad_shape``, ``task_not_found``).
+        status: the HTTP status answered.
+        version, sha256: the prompt's, when known (``sha256`` is cut to its first 12 hex digits).
+        nbytes: bytes of the uploaded file read, for uploads.
+    """
+    fields = {
+        "action": action, "task": task, "outcome": outcome, "status": status, "version": version,
+        "sha256": sha256[:12] if sha256 else None, "bytes": nbytes,
+        "client": request.client.host if request.client is not None else None,
+    }
+    parts = []
+    for key in _AUDIT_FIELDS:
+        value = fields[key]
+        if value is None:
+            continue
+        text = str(value)
+        parts.append(f"{key}={text if _BARE.fullmatch(text) else json.dumps(text)}")
+    audit_log.info("admin %s", " ".join(parts), extra={"audit": fields})
 
 
 def _prompt_error(exc: PromptError) -> APIError:
@@ -41,43 +87,98 @@ def _store(state):
     return state.store
 
 
+def _check_writable(state, action: str) -> None:
+    """409 ``no_prompt_dir`` when there is no prompt directory and memory-only tasks were not asked for."""
+    s = state.settings
+    if s.prompts is None and not s.memory_prompts:
+        raise APIError(
+            409, f"cannot {action} prompts: this server has no prompt directory, so an uploaded task would be lost "
+            "on restart; expected the server started with --prompts DIR (uploads are written there), or with "
+            "--memory-prompts to accept memory-only tasks that are lost on restart",
+            code="no_prompt_dir",
+        )
+
+
+def _refusal(exc: Exception) -> tuple[str, int]:
+    """(outcome, status) to audit for an exception leaving a route."""
+    if isinstance(exc, APIError):
+        return exc.code or exc.type, exc.status
+    return "error", 500
+
+
 @router.put("/prompts/{task}")
-async def upload_prompt(task: str, state: State, _: Admin, file: UploadFile = File(...)) -> JSONResponse:
-    """Create or replace ``task``'s soft prompt from an uploaded file."""
-    _check_name(task)
-    limit = upload_limit(state.settings.max_prompt_bytes)  # the store applies the exact per-kind limits
-    data = await file.read(limit + 1)
-    if len(data) > limit:
-        state.metrics.prompt_load_errors.labels("too_large").inc()
-        raise APIError(413, f"upload is larger than the limit of {limit} bytes", code="too_large")
+async def upload_prompt(task: str, request: Request, state: State, _: Admin,
+                        file: UploadFile = File(...)) -> JSONResponse:
+    """Create or replace ``task``'s soft prompt from an uploaded file.
+
+    Returns 201 (created) or 200 (replaced / unchanged) with the prompt's metadata, ``action`` and ``persisted``
+    (``true``: written into the prompt directory; ``false``: memory only, ``--memory-prompts``).
+
+    Errors: 409 ``no_prompt_dir`` (no prompt directory and no ``--memory-prompts``), 413 ``too_large``, 422 with
+    the :class:`~prompt_store.errors.PromptError` reason; nothing changes on any of them.
+    """
+    nbytes: int | None = None
     try:
-        prompt, action = await asyncio.to_thread(_store(state).upload, task, file.filename or "", data)
-    except PromptError as exc:
-        state.metrics.prompt_load_errors.labels(exc.reason).inc()
-        raise _prompt_error(exc) from exc
-    return JSONResponse({**prompt.to_dict(), "action": action}, status_code=201 if action == "created" else 200)
+        _check_writable(state, "upload")
+        _check_name(task)
+        limit = upload_limit(state.settings.max_prompt_bytes)  # the store applies the exact per-kind limits
+        data = await file.read(limit + 1)
+        nbytes = len(data)
+        if len(data) > limit:
+            state.metrics.prompt_load_errors.labels("too_large").inc()
+            raise APIError(413, f"upload is larger than the limit of {limit} bytes", code="too_large")
+        store = _store(state)
+        try:
+            prompt, action = await asyncio.to_thread(store.upload, task, file.filename or "", data)
+        except PromptError as exc:
+            state.metrics.prompt_load_errors.labels(exc.reason).inc()
+            raise _prompt_error(exc) from exc
+    except Exception as exc:
+        outcome, status = _refusal(exc)
+        audit(request, "upload", task=task, outcome=outcome, status=status, nbytes=nbytes)
+        raise
+    status = 201 if action == "created" else 200
+    audit(request, "upload", task=task, outcome=action, status=status, version=prompt.version,
+          sha256=prompt.sha256, nbytes=nbytes)
+    body = {**prompt.to_dict(), "action": action, "persisted": store.directory is not None}
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/prompts")
-async def list_prompts(state: State, _: Admin) -> dict:
+async def list_prompts(request: Request, state: State, _: Admin) -> dict:
     """Metadata of every loaded prompt, plus total tensor bytes."""
     prompts = state.registry.list()
+    audit(request, "list", task=None, outcome="listed", status=200)
     return {"prompts": [p.to_dict() for p in prompts], "total_bytes": state.registry.total_bytes()}
 
 
 @router.get("/prompts/{task}")
-async def get_prompt(task: str, state: State, _: Admin) -> dict:
-    """Metadata of one prompt; 404 if unknown."""
+async def get_prompt(task: str, request: Request, state: State, _: Admin) -> dict:
+    """Metadata of one prompt; 404 ``task_not_found`` if unknown."""
     prompt = state.registry.get(task)
     if prompt is None:
+        audit(request, "get", task=task, outcome="task_not_found", status=404)
         raise APIError(404, f"unknown task {task!r}", type="not_found_error", code="task_not_found")
+    audit(request, "get", task=task, outcome="found", status=200, version=prompt.version, sha256=prompt.sha256)
     return prompt.to_dict()
 
 
 @router.delete("/prompts/{task}")
-async def delete_prompt(task: str, state: State, _: Admin) -> dict:
-    """Remove a prompt and its files; requests already admitted finish with the version they hold."""
-    _check_name(task)
-    if not await asyncio.to_thread(_store(state).delete, task):
-        raise APIError(404, f"unknown task {task!r}", type="not_found_error", code="task_not_found")
+async def delete_prompt(task: str, request: Request, state: State, _: Admin) -> dict:
+    """Remove a prompt and its files; requests already admitted finish with the version they hold.
+
+    Errors: 409 ``no_prompt_dir`` (as for uploads), 422 ``bad_name``, 404 ``task_not_found``.
+    """
+    try:
+        _check_writable(state, "delete")
+        _check_name(task)
+        prompt = state.registry.get(task)
+        if not await asyncio.to_thread(_store(state).delete, task):
+            raise APIError(404, f"unknown task {task!r}", type="not_found_error", code="task_not_found")
+    except Exception as exc:
+        outcome, status = _refusal(exc)
+        audit(request, "delete", task=task, outcome=outcome, status=status)
+        raise
+    audit(request, "delete", task=task, outcome="deleted", status=200,
+          version=prompt.version if prompt is not None else None, sha256=prompt.sha256 if prompt is not None else None)
     return {"task": task, "deleted": True}
