@@ -97,6 +97,7 @@ class VersionBook:
         self._entries: dict[str, BookEntry] = {}
         self._loaded = False
         self._dirty = False
+        self._failed = False  # the last write failed: retry only when something new is recorded
         self.problem: str | None = None
         self.dropped = 0
 
@@ -185,25 +186,32 @@ class VersionBook:
         new = BookEntry(sha256, version, high)
         if old != new:
             self._entries[task] = new
-            self._dirty = True
+            self._dirty, self._failed = True, False
 
     def forget(self, task: str) -> None:
         """Note that ``task`` was deleted: its content is forgotten, its ``high_water`` kept (never reused)."""
         old = self._entries.get(task)
         if old is not None and old.sha256 is not None:
             self._entries[task] = BookEntry(None, None, old.high_water)
-            self._dirty = True
+            self._dirty, self._failed = True, False
 
     def flush(self) -> bool:
         """Write the book if it changed since the last write; return whether it wrote.
 
+        After a failed write the changes stay pending, and the next flush after a new change writes them all (a
+        read-only prompt directory thus costs one failed write per change, not one per call).
+
         Raises:
-            OSError: the write failed (the old file is untouched; the changes stay pending for the next flush).
+            OSError: the write failed (the old file is untouched).
         """
-        if not self._dirty:
+        if not self._dirty or self._failed:
             return False
         doc = {"format": BOOK_FORMAT, "tasks": {t: self._entries[t].to_json() for t in sorted(self._entries)}}
-        replace_file(self.path.parent, self.path.name, (json.dumps(doc, indent=1) + "\n").encode())
+        try:
+            replace_file(self.path.parent, self.path.name, (json.dumps(doc, indent=1) + "\n").encode())
+        except OSError:
+            self._failed = True
+            raise
         self._dirty = False
         return True
 

@@ -130,7 +130,7 @@ def test_missing_book_warns_only_when_prompts_exist(tmp_path, limits, raw_bytes,
 
 
 def test_failed_book_write_keeps_the_upload_and_is_reported(tmp_path, limits, raw_bytes, monkeypatch):
-    a, b = tensors(2)
+    a, b, c = tensors(3)
     errors: list[tuple[str, str]] = []
     store = PromptStore(tmp_path, PromptRegistry(), limits, on_error=lambda e, exc: errors.append((e, repr(exc))))
     store.upload("qa", "p.safetensors", raw_bytes(a))
@@ -143,9 +143,17 @@ def test_failed_book_write_keeps_the_upload_and_is_reported(tmp_path, limits, ra
     assert (action, prompt.version) == ("replaced", 2) and store.get("qa") is prompt
     assert errors == [(BOOK_NAME, "OSError(28, 'No space left on device')")]
     assert book(tmp_path)["tasks"]["qa"]["version"] == 1  # the old book is intact
+    store.reconcile("qa")
+    store.scan()
+    assert len(errors) == 1  # no retry (and no new error) until something changes
     monkeypatch.undo()
-    store.reconcile("qa")  # the pending change is written at the next chance
-    assert book(tmp_path)["tasks"]["qa"] == {"sha256": tensor_sha256(b), "version": 2, "high_water": 2}
+    store.reconcile("qa")
+    assert book(tmp_path)["tasks"]["qa"]["version"] == 1
+    store.upload("other", "p.safetensors", raw_bytes(c))  # the next change writes everything pending
+    assert book(tmp_path)["tasks"] == {
+        "other": {"sha256": tensor_sha256(c), "version": 1, "high_water": 1},
+        "qa": {"sha256": tensor_sha256(b), "version": 2, "high_water": 2},
+    }
 
 
 def test_leftover_book_temp_file_is_removed_by_scan(tmp_path, limits):

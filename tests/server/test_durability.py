@@ -90,6 +90,20 @@ def test_versions_survive_a_restart(tiny_loaded, make_client, admin_headers, pro
         assert put(second, "qa", raw_bytes(rand_tensor(3, seed=4)), admin_headers).json()["version"] == 4
 
 
+def test_corrupt_version_book_is_counted_and_the_server_starts(make_client, prompts_dir):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (prompts_dir / "qa.safetensors").write_bytes(raw_bytes(rand_tensor(3)))
+    (prompts_dir / ".versions.json").write_text("{oops")
+    client = make_client()
+    assert client.get("/ready").json()["ready"] is True
+    assert client.get("/v1/tasks").json()["tasks"][0]["version"] == 1
+    samples = {s.labels.get("reason"): s.value for fam in text_string_to_metric_families(client.get("/metrics").text)
+               if fam.name == "softprompt_prompt_load_errors" for s in fam.samples if s.name.endswith("_total")}
+    assert samples == {"bad_version_book": 1.0}
+    assert json.loads((prompts_dir / ".versions.json").read_text())["tasks"]["qa"]["version"] == 1  # rewritten
+
+
 # ------------------------------------------------------------------------------------------- file modes
 def test_upload_and_version_book_are_0644(make_client, admin_headers, prompts_dir, umask_022):
     client = make_client()
