@@ -82,6 +82,15 @@ def plain_dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def plain_exec_mode() -> int:
+    """The mode a linker gives a new executable or shared object: ``0o777 & ~umask`` (``0o755`` under umask 022).
+
+    For a built ``.so`` compiled into a ``tempfile.mkstemp`` file, which would otherwise keep the temporary file's
+    ``0o600`` plus execute bits (``0o711``), unreadable (so not loadable) by other users.
+    """
+    return 0o777 & ~current_umask()
+
+
 def apply_plain_modes(path: Path, *, recursive: bool = True) -> None:
     """Give ``path`` the mode a plain ``open``/``mkdir`` would have given it (see :func:`plain_file_mode`).
 

@@ -132,11 +132,11 @@ def test_model_cache_is_0644(tmp_path, tiny_loaded, monkeypatch, umask_022):
 
 
 def test_plain_modes_follow_the_umask(tmp_path):
-    from prompt_store.diskio import apply_plain_modes, current_umask, plain_dir_mode, plain_file_mode
+    from prompt_store.diskio import apply_plain_modes, current_umask, plain_dir_mode, plain_exec_mode, plain_file_mode
 
     old = os.umask(0o027)
     try:
-        assert (current_umask(), plain_file_mode(), plain_dir_mode()) == (0o027, 0o640, 0o750)
+        assert (current_umask(), plain_file_mode(), plain_dir_mode(), plain_exec_mode()) == (0o027, 0o640, 0o750, 0o750)
         d = tmp_path / "d"
         d.mkdir(mode=0o700)
         (d / "f").write_bytes(b"x")
