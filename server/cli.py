@@ -17,6 +17,9 @@ from pydantic import SecretStr
 
 from server.config import Settings
 
+#: After a drain, seconds uvicorn waits for open connections to finish writing their last responses.
+FLUSH_SECONDS = 5
+
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
@@ -44,11 +47,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Load the model here (so a bad model path is a one-line error, exit 2), serve HTTP on a thread of its own and
-    run the engine loop on this, the main thread, where GNU OpenMP's parallel regions are cheapest
-    (:mod:`server.engine`). SIGINT/SIGTERM go to uvicorn's own handler (graceful shutdown; a second SIGINT forces
-    it), whose lifespan stops the engine. Returns 0 after a clean shutdown, 1 when the server never started (a port
-    in use) or the engine loop died."""
+    """Load the model here (so a bad model path is a one-line error, exit 2), serve HTTP on a thread of its own (two
+    listeners with ``--admin-port``) and run the engine loop on this, the main thread, where GNU OpenMP's parallel
+    regions are cheapest (:mod:`server.engine`).
+
+    Shutdown: the first SIGTERM or SIGINT starts a drain (:meth:`server.app.AppState.drain`: ``/ready`` 503, new
+    requests 503, running ones get ``--drain-timeout`` seconds and are then ended with finish reason "shutdown"),
+    after which uvicorn closes the listeners (waiting up to :data:`FLUSH_SECONDS` for the last responses to be
+    written) and the lifespan stops the engine. A second signal stops at once. Returns 0 after a clean shutdown,
+    1 when the server never started (a port in use) or the engine loop died."""
     import signal
     import threading
 
@@ -65,21 +72,50 @@ def _serve(args: argparse.Namespace) -> int:
         tune_malloc()
     app = create_app(settings, loaded=loaded, engine_on_caller=True)
     state = app.state.sp
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
-    http = threading.Thread(target=server.run, name="http", daemon=True)
-    signal.signal(signal.SIGINT, server.handle_exit)
-    signal.signal(signal.SIGTERM, server.handle_exit)
-    http.start()
+    servers = [uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                             timeout_graceful_shutdown=FLUSH_SECONDS))]
+    if settings.admin_port is not None:  # the lifespan runs once, with the main listener
+        servers.append(uvicorn.Server(uvicorn.Config(
+            app, host=settings.admin_host or settings.host, port=settings.admin_port, log_level=settings.log_level,
+            lifespan="off", timeout_graceful_shutdown=FLUSH_SECONDS)))
+    threads = [threading.Thread(target=srv.run, name=f"http-{i}", daemon=True) for i, srv in enumerate(servers)]
+
+    def exit_all(force: bool = False) -> None:
+        for srv in servers:
+            srv.should_exit = True
+            srv.force_exit = srv.force_exit or force
+
+    def drain_then_exit() -> None:
+        state.drain(settings.drain_timeout)
+        exit_all()
+
+    def on_signal(signum, frame) -> None:
+        if state.draining:  # a second signal: stop now
+            logging.getLogger(__name__).warning("second signal %d: stopping without waiting", signum)
+            exit_all(force=True)
+            return
+        logging.getLogger(__name__).info("signal %d: draining for up to %.1f s", signum, settings.drain_timeout)
+        state.draining = True  # /ready 503 from this instant, before the drain thread runs
+        threading.Thread(target=drain_then_exit, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    for t in threads:
+        t.start()
     while not (state.ready and state.engine is not None):
-        if not http.is_alive():
+        if not all(t.is_alive() for t in threads):
+            exit_all()
             return 1
-        http.join(0.2)
+        threads[0].join(0.2)
+    if not all(t.is_alive() for t in threads):  # the admin listener could not bind
+        exit_all()
     engine = state.engine
     engine.run_forever()  # returns once the lifespan's shutdown stopped the engine, or the loop died
     if engine.error is not None:
-        server.should_exit = True  # a dead engine takes the HTTP server down with it
-    http.join()
-    return 0 if server.started and engine.error is None else 1
+        exit_all()  # a dead engine takes the HTTP server down with it
+    for t in threads:
+        t.join()
+    return 0 if all(srv.started for srv in servers) and engine.error is None else 1
 
 
 def _prepare_model(args: argparse.Namespace) -> int:

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     admin_token: SecretStr | None = Field(None, description="Bearer token for /v1/admin; unset = admin off.")
     admin_port: int | None = Field(
-        None, ge=0, le=65535, description="Serve /v1/admin on this port only (a second listener on --admin-host); "
+        None, ge=1, le=65535, description="Serve /v1/admin on this port only (a second listener on --admin-host); "
         "the main port then answers 404 for admin paths. Unset: admin routes on the main port.",
     )
     admin_host: str | None = Field(None, description="Interface of the admin listener (default: --host).")
@@ -150,6 +150,6 @@ class Settings(BaseSettings):
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so every running row can decode in one step"
             )
-        if self.admin_port is not None and self.admin_port == self.port and self.port != 0:
+        if self.admin_port is not None and self.admin_port == self.port:
             raise ValueError(f"admin_port ({self.admin_port}) must differ from port ({self.port})")
         return self

@@ -13,7 +13,9 @@ an error output at once, and new submissions raise :class:`EngineDeadError`.
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import queue
 import threading
 import time
@@ -42,7 +44,15 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full."""
+    """The waiting queue is full (by requests or by tokens).
+
+    Attributes:
+        retry_after: seconds after which a retry is likely to be admitted (:meth:`Engine.retry_after`).
+    """
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestRejectedError(ValueError):
@@ -86,6 +96,9 @@ class Engine:
         self._started = False
         self._entered = False  # run_forever was called
         self._done = threading.Event()
+        self._queued_tokens = 0  # prompt positions of submitted requests not yet admitted (guarded by _lock)
+        self._charged: dict[str, int] = {}  # request id -> its positions counted in _queued_tokens
+        self._finish_times: collections.deque[float] = collections.deque(maxlen=256)  # monotonic, engine thread
 
     # shortcuts for tests and the bench
     @property
@@ -183,22 +196,59 @@ class Engine:
         Raises:
             RequestRejectedError: see :meth:`check`.
             EngineDeadError: the loop is not running.
-            EngineOverloadedError: ``max_waiting`` requests are already queued.
+            EngineOverloadedError: ``max_waiting`` requests, or ``max_waiting_tokens`` prompt positions, are already
+                queued.
         """
         self.check(request)
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
-        if len(self.core.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
-            raise EngineOverloadedError(f"{self.config.max_waiting} requests already waiting")
+        cfg = self.config
+        if len(self.core.scheduler.waiting) + self._inbox.qsize() >= cfg.max_waiting:
+            raise EngineOverloadedError(f"server overloaded: {cfg.max_waiting} requests already waiting",
+                                        self.retry_after())
         request.eos_token_ids = self.eos_token_ids
         stream = RequestStream(request)
+        n = request.num_prompt_positions
         with self._lock:
             if self._dead:  # the loop died after the alive check above: never leave a stream nobody completes
                 raise EngineDeadError(f"engine is not running: {self.error!r}")
+            if self._queued_tokens and self._queued_tokens + n > cfg.max_waiting_tokens:
+                raise EngineOverloadedError(
+                    f"server overloaded: {self._queued_tokens} prompt tokens already waiting; this request's {n} "
+                    f"would pass the limit of {cfg.max_waiting_tokens}", self.retry_after())
+            self._queued_tokens += n
+            self._charged[request.request_id] = n
             self._streams[request.request_id] = stream
         self._inbox.put(("add", request))
         self._wake.set()
         return stream
+
+    @property
+    def num_open(self) -> int:
+        """Requests submitted and not yet given their final output."""
+        with self._lock:
+            return len(self._streams)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Prompt positions (virtual + text) of submitted requests not yet admitted, tokens."""
+        with self._lock:
+            return self._queued_tokens
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait before retrying: the time the engine needs, at the rate it finished
+        its last (up to 256) requests, to finish what waits now; clamped to ``[1, 60]``."""
+        times = list(self._finish_times)
+        waiting = len(self.core.scheduler.waiting) + self._inbox.qsize()
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 1
+        rate = (len(times) - 1) / (times[-1] - times[0])  # requests per second
+        return min(max(math.ceil(waiting / rate), 1), 60)
+
+    def end_all(self) -> None:
+        """End every request now, with finish reason "shutdown" (their text so far is kept), at the next step."""
+        self._inbox.put(("end_all", None))
+        self._wake.set()
 
     def prefetch(self, prompt) -> None:
         """Compute a newly loaded prompt's virtual-token KV while the engine is idle (best effort; see
@@ -224,6 +274,8 @@ class Engine:
                     self._wake.clear()
                     continue
                 if self.core.has_work():
+                    self._deliver(*self.core.expire(time.monotonic()))
+                if self.core.has_work():
                     self.step()
         except BaseException as exc:  # noqa: BLE001 - the loop reports any death, then fails requests fast
             log.exception("engine loop died")
@@ -237,6 +289,8 @@ class Engine:
         """One engine step, its outputs delivered to their streams (engine thread, or tests driving it); returns
         the step's plan."""
         plan, outs = self.core.step()
+        if plan.admitted:
+            self._discharge(plan.admitted)
         self._deliver(*outs)
         return plan
 
@@ -256,6 +310,8 @@ class Engine:
                     self._deliver(make_output(item, error=str(exc)))  # type: ignore[arg-type]
             elif kind == "prefetch":
                 self.core.queue_prefetch(item)
+            elif kind == "end_all":
+                self._deliver(*self.core.end_all(RequestStatus.FINISHED_SHUTDOWN))
             elif kind == "abort":
                 with self._lock:
                     stream = self._streams.get(str(item))
@@ -264,14 +320,25 @@ class Engine:
                     if out is not None:
                         self._deliver(out)
 
+    def _discharge(self, requests) -> None:
+        """Take admitted or finished requests' positions off the queued-token count."""
+        with self._lock:
+            for req in requests:
+                self._queued_tokens -= self._charged.pop(req.request_id, 0)
+
     def _deliver(self, *outs: RequestOutput) -> None:
         items = []
+        now = time.monotonic()
         with self._lock:
             for out in outs:
                 get = self._streams.pop if out.finished else self._streams.get
                 stream = get(out.request_id, None)
                 if stream is not None:
                     items.append((stream, out))
+                if out.finished:
+                    self._finish_times.append(now)
+                    # finished before admission (abort, timeout, shutdown): no longer queued
+                    self._queued_tokens -= self._charged.pop(out.request_id, 0)
         deliver(items)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -282,6 +349,8 @@ class Engine:
             self._dead = True
             streams = list(self._streams.values())
             self._streams.clear()
+            self._charged.clear()
+            self._queued_tokens = 0
         loop_over = self._done.is_set() or not self._entered
         for s in streams:
             req = s.request

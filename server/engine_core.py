@@ -68,11 +68,29 @@ class EngineCore:
 
     def abort(self, req: Request) -> RequestOutput | None:
         """Finish ``req`` as aborted and free its KV; its final output, or None if it had already finished."""
+        return self.end(req, RequestStatus.FINISHED_ABORTED)
+
+    def end(self, req: Request, status: RequestStatus) -> RequestOutput | None:
+        """Finish ``req`` now with ``status`` (aborted, timeout or shutdown) and free its KV. Returns its final output
+        (carrying the text held back so far, except for an abort, whose client is gone), or None if it had already
+        finished."""
         if req.status.is_finished:
             return None
-        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self.scheduler.finish(req, status)
         self.refresh_gauges()
-        return self.outputs.finish_or_keep(req, make_output(req))
+        text = "" if status == RequestStatus.FINISHED_ABORTED else self.outputs.flush(req)
+        return self.outputs.finish_or_keep(req, make_output(req, text=text))
+
+    def expire(self, now: float) -> list[RequestOutput]:
+        """End every request whose deadline is at or before ``now`` (``time.monotonic()`` seconds) with finish
+        reason "timeout"; their final outputs."""
+        outs = [self.end(r, RequestStatus.FINISHED_TIMEOUT) for r in self.scheduler.past_deadline(now)]
+        return [o for o in outs if o is not None]
+
+    def end_all(self, status: RequestStatus) -> list[RequestOutput]:
+        """End every running and waiting request with ``status``; their final outputs."""
+        outs = [self.end(r, status) for r in self.scheduler.unfinished()]
+        return [o for o in outs if o is not None]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -21,10 +21,12 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         self.requests = Counter(
-            "softprompt_requests", "Generation requests by task and outcome.", ["task", "status"], registry=r
+            "softprompt_requests", "Generation requests, each counted once when it ends: by task (_base, _unknown), "
+            "HTTP status (499: the client left first) and reason (finish reason of a 200, error code otherwise, "
+            "cancelled for 499); see server.api.accounting.", ["task", "status", "reason"], registry=r
         )
         self.request_latency = Histogram(
-            "softprompt_request_latency_seconds", "End-to-end request latency.", ["task"],
+            "softprompt_request_latency_seconds", "End-to-end latency of requests answered 200.", ["task"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.ttft = Histogram(

@@ -24,7 +24,8 @@ class RequestOutput:
     Attributes:
         new_token_ids: tokens generated in this step (usually one).
         text: new text released in this step (complete characters only; never any part of a stop string).
-        finished: whether the request is done; then ``finish_reason`` is "stop", "length", "abort" or "error".
+        finished: whether the request is done; then ``finish_reason`` is "stop", "length", "abort", "timeout",
+            "shutdown" or "error".
         num_prompt_tokens, num_virtual_tokens, num_output_tokens: usage so far, tokens.
         ttft: seconds from arrival to the first token, once known.
         error: message when ``finish_reason == "error"``.
@@ -161,6 +162,12 @@ class OutputProcessor:
             error = "the model produced non-finite logits for this request" if rid in failed else None
             outs.append(self.finish_or_keep(req, make_output(req, () if tok is None else (tok,), text, error)))
         return outs
+
+    def flush(self, req: Request) -> str:
+        """Text of ``req`` not yet released (held back as part of a character or of a possible stop string): what a
+        request ended early (timeout, shutdown) still gets."""
+        pipe = self._text.get(req.request_id)
+        return self._pending.pop(req.request_id, "") + (pipe.finish() if pipe is not None else "")
 
     def finish_or_keep(self, req: Request, out: RequestOutput) -> RequestOutput:
         """Account ``out`` in the metrics and drop the request's pipeline when it is final."""

@@ -41,7 +41,9 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 2  # EOS or a stop string -> "stop"
     FINISHED_LENGTH = 3  # max_new_tokens reached -> "length"
     FINISHED_ABORTED = 4  # the client went away -> "abort"
-    FINISHED_ERROR = 5  # the engine failed -> "error"
+    FINISHED_TIMEOUT = 5  # its deadline passed -> "timeout"
+    FINISHED_SHUTDOWN = 6  # the server's drain timeout ran out -> "shutdown"
+    FINISHED_ERROR = 7  # the engine failed -> "error"
 
     @property
     def is_finished(self) -> bool:
@@ -56,6 +58,8 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_TIMEOUT: "timeout",
+    RequestStatus.FINISHED_SHUTDOWN: "shutdown",
     RequestStatus.FINISHED_ERROR: "error",
 }
 
@@ -104,6 +108,8 @@ class Request:
         block_table: KV block ids holding positions ``0, 1, ...`` in order; shared prompt blocks come first.
         prompt_kv: the shared prompt-KV entry this request holds while running, if any.
         num_preemptions: times the request was preempted (its KV freed, to be recomputed).
+        deadline: ``time.monotonic()`` seconds past which the engine ends the request (finish reason "timeout"),
+            or None for no deadline.
         arrival_time, admit_time, first_token_time, finish_time: ``time.monotonic()`` seconds.
     """
 
@@ -120,6 +126,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     prompt_kv: PromptKV | None = None
     num_preemptions: int = 0
+    deadline: float | None = None
     admit_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -120,7 +120,8 @@ class Scheduler:
         self.waiting.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
-        """Finish a request now (abort or error) and free its KV blocks; no-op if already finished."""
+        """Finish a request now (abort, timeout, shutdown or error) and free its KV blocks; no-op if already
+        finished."""
         if request.status.is_finished:
             return
         if request in self.running:
@@ -134,6 +135,14 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def unfinished(self) -> list[Request]:
+        """Every running and waiting request, running first."""
+        return [*self.running, *self.waiting]
+
+    def past_deadline(self, now: float) -> list[Request]:
+        """Running and waiting requests whose deadline is at or before ``now`` (``time.monotonic()`` seconds)."""
+        return [r for r in self.unfinished() if r.deadline is not None and r.deadline <= now]
 
     # ------------------------------------------------------------------ plan
     def schedule(self) -> SchedulerOutput:

@@ -1,13 +1,16 @@
-"""``softprompt serve`` as a process: the engine loop on the main thread, HTTP on another; a clean SIGTERM exit,
-and exit 1 when the port is taken. Uses the default model (installed by ``make test``)."""
+"""``softprompt serve`` as a process: the engine loop on the main thread, HTTP on another; a clean SIGTERM exit, a
+SIGTERM drain with a request in flight and a separate admin listener, and exit 1 when the port is taken. Uses the
+default model (installed by ``make test``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -22,26 +25,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(proc: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.5)
+
+
 def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
     port = _free_port()
     proc = subprocess.Popen([*SERVE, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": ""})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.5)
+        _wait_ready(proc, port)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=60,
                        json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_drains_a_stream_and_admin_has_its_own_listener(tmp_path):
+    port, admin_port = _free_port(), _free_port()
+    proc = subprocess.Popen([*SERVE, "--port", str(port), "--admin-port", str(admin_port), "--drain-timeout", "1",
+                             "--prompts", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": "t0k"})
+    base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    auth = {"Authorization": "Bearer t0k"}
+    events: list = []
+
+    def stream() -> None:
+        body = {"inputs": "Count from 1 to 500: 1, 2, 3, 4, 5,", "stream": True, "parameters": {"max_new_tokens": 300}}
+        with httpx.stream("POST", f"{base}/v1/generate", json=body, timeout=60) as r:
+            events.extend(json.loads(ln[5:]) for ln in r.iter_lines() if ln.startswith("data:"))
+
+    try:
+        _wait_ready(proc, port)
+        assert httpx.get(f"{base}/v1/admin/prompts", headers=auth).status_code == 404
+        assert httpx.get(f"{admin}/v1/admin/prompts", headers=auth).json() == {"prompts": [], "total_bytes": 0}
+        assert httpx.get(f"{admin}/ready").status_code == 200
+        reader = threading.Thread(target=stream)
+        reader.start()
+        end = time.monotonic() + 60
+        while not events:
+            assert time.monotonic() < end, "no token streamed"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert httpx.get(f"{base}/ready", timeout=5).status_code == 503
+        r = httpx.post(f"{base}/v1/generate", json={"inputs": "Hi"}, timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining" and r.headers["retry-after"]
+        reader.join(30)
+        assert events[-1]["finish_reason"] == "shutdown"  # cut by the 1 s drain timeout, told why
+        assert 0 < events[-1]["usage"]["completion_tokens"] < 300
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 15
     finally:
         if proc.poll() is None:
             proc.kill()

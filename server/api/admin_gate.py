@@ -1,4 +1,7 @@
-"""ASGI middleware that guards ``/v1/admin`` before any request body is read.
+"""ASGI middleware that guards ``/v1/admin`` before any request body is read, and splits the listeners.
+
+With ``--admin-port`` set, admin routes are served only on the listener of that port, which serves the operations
+routes (``/health``, ``/ready``, ``/metrics``) too and nothing else; the main listener answers 404 for admin paths.
 
 FastAPI parses a multipart body before it runs a route's dependencies, so without this gate anyone could make the
 server spool a large upload before being told 401. The gate answers 401/403 (same rules as
@@ -24,6 +27,24 @@ def upload_limit(max_prompt_bytes: int) -> int:
     return max_prompt_bytes + ARCHIVE_SLACK_BYTES
 
 
+#: Paths the admin listener serves besides the admin routes.
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def _listener_error(scope: Scope, admin_port: int | None, is_admin: bool) -> APIError | None:
+    """404 when a path is asked on the wrong listener (only with a separate admin listener), else None."""
+    if admin_port is None:
+        return None
+    on_admin = (scope.get("server") or (None, None))[1] == admin_port
+    if is_admin and not on_admin:
+        return APIError(404, f"admin routes are served on the admin listener (port {admin_port}), not here",
+                        type="not_found_error", code="not_found")
+    if on_admin and not is_admin and scope["path"] not in OPS_PATHS:
+        return APIError(404, "the admin listener serves /v1/admin, /health, /ready and /metrics only",
+                        type="not_found_error", code="not_found")
+    return None
+
+
 class AdminGate:
     """Args: app: the wrapped ASGI app; prefix: the guarded path prefix."""
 
@@ -32,12 +53,19 @@ class AdminGate:
         self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         settings = scope["app"].state.sp.settings
+        is_admin = scope["path"].startswith(self.prefix)
+        wrong = _listener_error(scope, settings.admin_port, is_admin)
+        if wrong is None and not is_admin:
+            await self.app(scope, receive, send)
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            if wrong is not None:
+                raise wrong
             check_admin(settings.admin_token, headers.get("authorization"))
             declared = headers.get("content-length", "")
             limit = upload_limit(settings.max_prompt_bytes) + MULTIPART_OVERHEAD_BYTES

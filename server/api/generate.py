@@ -9,7 +9,6 @@ tuned task's virtual tokens are KV only, so an empty input to it, like an empty 
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -18,9 +17,9 @@ from fastapi.sse import EventSourceResponse
 
 from prompt_store.registry import SoftPrompt
 from server.api.deps import State, get_engine
-from server.api.errors import APIError, error_body
+from server.api.errors import error_body
 from server.api.schemas import GenerateParameters, GenerateRequest, GenerateResponse, TaskInfo, TaskList, Usage
-from server.api.service import build_request, collect, lookup_task, record_outcome, sse, submit
+from server.api.service import build_request, collect, lookup_task, note_finish, note_task, sse, submit
 from server.engine import Engine, RequestOutput
 from server.request import Request, SamplingParams
 
@@ -41,19 +40,15 @@ def _usage(out: RequestOutput) -> Usage:
 
 
 async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: GenerateRequest, http: HTTPRequest):
-    task = prompt.task if prompt else "_base"
-    t0 = time.monotonic()
-    try:
-        req = build_request(engine, prompt, body.inputs,
-                            to_sampling(body.parameters, state.settings.default_max_new_tokens))
-        stream = submit(engine, req)
-        if body.stream:
-            return EventSourceResponse(_sse(state, engine, prompt, req, stream, t0))
-        text, last = await collect(engine, req, stream, http)
-    except APIError as exc:
-        record_outcome(state, task, exc.status)
-        raise
-    record_outcome(state, task, 200, t0)
+    note_task(http, prompt)
+    req = await build_request(state, engine, prompt, body.inputs,
+                              to_sampling(body.parameters, state.settings.default_max_new_tokens),
+                              timeout=body.parameters.timeout)
+    stream = submit(engine, req)
+    if body.stream:
+        return EventSourceResponse(_sse(engine, prompt, req, stream, http))
+    text, last = await collect(engine, req, stream, http)
+    note_finish(http, last.finish_reason)
     return GenerateResponse(
         generated_text=text,
         finish_reason=last.finish_reason or "stop",
@@ -63,11 +58,11 @@ async def _generate(state, engine: Engine, prompt: SoftPrompt | None, body: Gene
     )
 
 
-async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, stream, t0: float):
+async def _sse(engine: Engine, prompt: SoftPrompt | None, req: Request, stream, http: HTTPRequest):
     """Events: ``{"text", "token_ids"}`` per text delta, then a final ``{"text", "token_ids", "finish_reason",
-    "usage", "task", "prompt_version"}``; an error after the stream started is an ``event: error``. When the
-    client goes away, the generator is closed and the request aborted."""
-    task = prompt.task if prompt else "_base"
+    "usage", "task", "prompt_version"}`` (``finish_reason`` "timeout" or "shutdown" when the server ended it early);
+    an error after the stream started is an ``event: error``. When the client goes away, the generator is closed and
+    the request aborted."""
     finished = False
     pending: list[int] = []  # ids whose text is still held back (part of a character or of a stop string)
     try:
@@ -75,12 +70,12 @@ async def _sse(state, engine: Engine, prompt: SoftPrompt | None, req: Request, s
             pending.extend(out.new_token_ids)
             if out.finish_reason == "error":
                 finished = True
-                record_outcome(state, task, 503)
+                note_finish(http, "engine_error", failed=True)
                 yield sse(error_body(f"generation failed: {out.error}", "server_error", "engine_error"), "error")
                 return
             if out.finished:
                 finished = True
-                record_outcome(state, task, 200, t0)
+                note_finish(http, out.finish_reason)
                 yield sse({
                     "text": out.text, "token_ids": pending, "finish_reason": out.finish_reason,
                     "usage": _usage(out).model_dump(), "task": prompt.task if prompt else None,

@@ -2,8 +2,11 @@
 
 The request's ``model`` names a task (its soft prompt is prepended) or the base model's id (no soft prompt), as
 vLLM, LoRAX and TGI do for adapters. Supported fields: ``max_tokens``, ``temperature``, ``top_p``, ``seed``,
-``stop``, ``n`` (1 only), ``stream`` (+ ``stream_options.include_usage``); unknown fields are ignored, as OpenAI's
-own server does for fields it does not use.
+``stop``, ``n`` (1 only), ``stream`` (+ ``stream_options.include_usage``), and this server's ``timeout`` (seconds,
+capped by ``--request-timeout``); unknown fields are ignored, as OpenAI's own server does for fields it does not use.
+
+``finish_reason`` is "stop" or "length" as OpenAI's, or "timeout" / "shutdown" when the server ended the request
+early (its deadline passed; the drain timeout of a shutdown ran out); the text generated until then is returned.
 
 Usage counting rule: ``prompt_tokens`` counts the text (or chat-template) tokens only; a task's virtual tokens are
 reported separately as ``usage.virtual_tokens`` and are not billed as prompt tokens; ``total_tokens`` is
@@ -15,6 +18,7 @@ Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; a
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Annotated, Literal
@@ -27,7 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from prompt_store.registry import SoftPrompt
 from server.api.deps import State, get_engine
 from server.api.errors import APIError, error_body
-from server.api.service import build_request, collect, record_outcome, sse, submit
+from server.api.service import (
+    INLINE_TOKENIZE_CHARS,
+    build_request,
+    collect,
+    note_finish,
+    note_task,
+    sse,
+    submit,
+)
 from server.engine import Engine, RequestOutput
 from server.request import SamplingParams
 
@@ -53,6 +65,8 @@ class _Common(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    timeout: float | None = Field(None, gt=0, description="Deadline in seconds from arrival (at most the server's "
+                                  "--request-timeout); past it the request ends with finish_reason 'timeout'.")
 
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -97,7 +111,8 @@ def _usage(out: RequestOutput) -> dict:
 
 
 def _finish(out: RequestOutput) -> str:
-    return "length" if out.finish_reason == "length" else "stop"
+    """OpenAI's finish reason: "length", "timeout" and "shutdown" as they are, anything else "stop"."""
+    return out.finish_reason if out.finish_reason in ("length", "timeout", "shutdown") else "stop"
 
 
 @router.get("/v1/models")
@@ -116,10 +131,11 @@ async def list_models(state: State, engine: EngineDep) -> dict:
 async def completions(body: CompletionRequest, state: State, engine: EngineDep, http: HTTPRequest):
     """Text completion; ``prompt`` is one string (or a list holding one)."""
     prompt = _resolve_model(state, engine, body.model)
+    note_task(http, prompt)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    req = _build(state, prompt, lambda: build_request(
-        engine, prompt, text, body.sampling(state.settings.default_max_new_tokens), param="prompt"))
-    return await _respond(state, engine, body, req, "text_completion", http)
+    req = await build_request(state, engine, prompt, text, body.sampling(state.settings.default_max_new_tokens),
+                              param="prompt", timeout=body.timeout)
+    return await _respond(engine, body, req, "text_completion", http)
 
 
 @router.post("/v1/chat/completions")
@@ -127,47 +143,36 @@ async def chat_completions(body: ChatRequest, state: State, engine: EngineDep, h
     """Chat completion: the base model's chat template renders ``messages``, then the task's virtual tokens are
     prepended as for any request."""
     prompt = _resolve_model(state, engine, body.model)
+    note_task(http, prompt)
     tok = engine.loaded.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, f"the base model {engine.loaded.model_id!r} has no chat template", param="messages")
+    messages = [m.model_dump() for m in body.messages]
     try:
-        ids = tok.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        if sum(len(m["content"]) for m in messages) > INLINE_TOKENIZE_CHARS:
+            ids = await asyncio.to_thread(_render_chat, tok, messages)
+        else:
+            ids = _render_chat(tok, messages)
     except Exception as exc:  # noqa: BLE001 - templates raise on message orders they refuse: the client's mistake
         raise APIError(400, f"messages: the chat template refused them: {exc}", param="messages") from exc
-    req = _build(state, prompt, lambda: build_request(
-        engine, prompt, None, body.sampling(state.settings.default_max_new_tokens), token_ids=list(ids),
-        param="messages"))
-    return await _respond(state, engine, body, req, "chat.completion", http)
+    req = await build_request(state, engine, prompt, None, body.sampling(state.settings.default_max_new_tokens),
+                              token_ids=list(ids), param="messages", timeout=body.timeout)
+    return await _respond(engine, body, req, "chat.completion", http)
 
 
-def _build(state, prompt: SoftPrompt | None, make):
-    """Run a request builder; a refusal is counted under the (known) task before it is raised."""
-    try:
-        return make()
-    except APIError as exc:
-        record_outcome(state, prompt.task if prompt else "_base", exc.status)
-        raise
+def _render_chat(tok, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` through the chat template, with the generation prompt."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-async def _respond(state, engine: Engine, body: _Common, req, kind: str, http: HTTPRequest):
-    task = req.task or "_base"
-    t0 = time.monotonic()
+async def _respond(engine: Engine, body: _Common, req, kind: str, http: HTTPRequest):
     rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    try:
-        stream = submit(engine, req)
-    except APIError as exc:
-        record_outcome(state, task, exc.status)
-        raise
+    stream = submit(engine, req)
     if body.stream:
-        return EventSourceResponse(_stream(state, engine, body, req, stream, kind, rid, created, t0))
-    try:
-        text, last = await collect(engine, req, stream, http)
-    except APIError as exc:
-        record_outcome(state, task, exc.status)
-        raise
-    record_outcome(state, task, 200, t0)
+        return EventSourceResponse(_stream(engine, body, req, stream, kind, rid, created, http))
+    text, last = await collect(engine, req, stream, http)
+    note_finish(http, last.finish_reason)
     if kind == "chat.completion":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(last),
                   "logprobs": None}
@@ -177,12 +182,12 @@ async def _respond(state, engine: Engine, body: _Common, req, kind: str, http: H
             "usage": _usage(last)}
 
 
-async def _stream(state, engine: Engine, body: _Common, req, stream, kind: str, rid: str, created: int, t0: float):
+async def _stream(engine: Engine, body: _Common, req, stream, kind: str, rid: str, created: int,
+                  http: HTTPRequest):
     """OpenAI chunks, then ``data: [DONE]``; the request is aborted if the client goes away."""
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    task = req.task or "_base"
     finished = False
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -199,7 +204,7 @@ async def _stream(state, engine: Engine, body: _Common, req, stream, kind: str, 
         async for out in stream:
             if out.finish_reason == "error":
                 finished = True
-                record_outcome(state, task, 503)
+                note_finish(http, "engine_error", failed=True)
                 yield sse(error_body(f"generation failed: {out.error}", "server_error", "engine_error"))
                 yield _DONE
                 return
@@ -207,7 +212,7 @@ async def _stream(state, engine: Engine, body: _Common, req, stream, kind: str, 
                 yield sse(chunk(out.text, None))
             if out.finished:
                 finished = True
-                record_outcome(state, task, 200, t0)
+                note_finish(http, out.finish_reason)
                 yield sse(chunk(None, _finish(out)))
                 if include_usage:
                     yield sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],

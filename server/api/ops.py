@@ -21,10 +21,12 @@ async def health(state: State) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(state: State) -> JSONResponse:
-    """200 once the model is loaded, the engine runs and the first prompt scan is done; else 503."""
-    ok = bool(state.ready and state.engine is not None and state.engine.alive)
+    """200 once the model is loaded, the engine runs and the first prompt scan is done, until a shutdown starts
+    draining; else 503."""
+    ok = bool(state.ready and not state.draining and state.engine is not None and state.engine.alive)
     body = {
         "ready": ok,
+        "draining": state.draining,
         "model": state.loaded.model_id if state.loaded else None,
         "prompts": len(state.registry),
     }

@@ -21,6 +21,10 @@ class GenerateParameters(BaseModel):
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, max_length=8, description="Up to 8 stop strings; the text is cut before the first one."
     )
+    timeout: float | None = Field(
+        None, gt=0, description="Deadline in seconds from arrival (at most the server's --request-timeout); past it "
+        "the request ends with finish_reason 'timeout' and the text generated so far."
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -40,7 +44,8 @@ class Usage(BaseModel):
 
 class GenerateResponse(BaseModel):
     generated_text: str
-    finish_reason: str
+    finish_reason: str = Field(description="stop (EOS or a stop string), length (max_new_tokens), timeout (the "
+                               "request's deadline passed) or shutdown (the server's drain timeout ran out).")
     task: str | None
     prompt_version: int | None
     usage: Usage

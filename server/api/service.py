@@ -1,5 +1,6 @@
-"""What every generation route shares: task lookup, tokenizing and checking a request, queueing it, collecting
-its output (aborting it when the client goes away), and encoding Server-Sent Events."""
+"""What every generation route shares: task lookup, tokenizing and checking a request (off the event loop for long
+inputs), its deadline, queueing it, collecting its output (aborting it when the client goes away), and encoding
+Server-Sent Events."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from fastapi import Request as HTTPRequest
 from fastapi.sse import format_sse_event
 
 from prompt_store.registry import SoftPrompt
+from server.api.accounting import annotate
+from server.api.deps import RETRY_AFTER_DEAD
 from server.api.errors import APIError
 from server.engine import Engine, EngineDeadError, EngineOverloadedError, RequestOutput, RequestRejectedError
 from server.request import Request, SamplingParams
 from server.request_builder import make_request
+
+#: Inputs of up to this many characters are tokenized on the event loop (tens of microseconds, less than a thread
+#: hop); longer ones in a worker thread, so a large body never stalls other requests' streams.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 def lookup_task(state, task: str) -> SoftPrompt:
@@ -26,27 +33,47 @@ def lookup_task(state, task: str) -> SoftPrompt:
     return prompt
 
 
-def build_request(
-    engine: Engine, prompt: SoftPrompt | None, text: str | None, params: SamplingParams, *,
-    token_ids: list[int] | None = None, param: str = "inputs",
+async def build_request(
+    state, engine: Engine, prompt: SoftPrompt | None, text: str | None, params: SamplingParams, *,
+    token_ids: list[int] | None = None, param: str = "inputs", timeout: float | None = None,
 ) -> Request:
-    """:func:`server.request_builder.make_request`, with a rejection as an HTTP error: 422 for an empty request,
-    400 when it cannot fit the context or the KV cache (``param`` names the input field)."""
+    """:func:`server.request_builder.make_request` (in a worker thread when ``text`` is long), with the server's
+    input-token limit and the request's deadline: ``timeout`` seconds from now, at most ``--request-timeout``.
+
+    Raises:
+        APIError: 422 for an empty request; 400 when the input passes ``--max-input-tokens`` or cannot fit the
+            context or the KV cache (``param`` names the input field).
+    """
+    s = state.settings
+    limit = s.max_input_tokens
+    deadline = time.monotonic() + min(timeout or s.request_timeout, s.request_timeout)
     try:
-        return make_request(engine, prompt, text, params, token_ids=token_ids)
+        if text is not None and len(text) > INLINE_TOKENIZE_CHARS:
+            req = await asyncio.to_thread(make_request, engine, prompt, text, params, max_text_tokens=limit)
+        else:
+            req = make_request(engine, prompt, text, params, token_ids=token_ids, max_text_tokens=limit)
     except RequestRejectedError as exc:
         status = 422 if exc.code == "empty_input" else 400
         raise APIError(status, str(exc), code=exc.code, param=param) from exc
+    req.deadline = deadline
+    return req
 
 
 def submit(engine: Engine, req: Request):
-    """Queue ``req``; 503 when the engine is dead or the queue is full."""
+    """Queue ``req``.
+
+    Raises:
+        APIError: 429 with ``Retry-After`` when the waiting queue is full (by requests or tokens); 503 with
+            ``Retry-After`` when the engine is dead.
+    """
     try:
         return engine.submit(req)
     except EngineOverloadedError as exc:
-        raise APIError(503, str(exc), type="server_error", code="overloaded") from exc
+        raise APIError(429, str(exc), type="server_error", code="overloaded",
+                       headers={"Retry-After": str(exc.retry_after)}) from exc
     except EngineDeadError as exc:
-        raise APIError(503, str(exc), type="server_error", code="engine_dead") from exc
+        raise APIError(503, str(exc), type="server_error", code="engine_dead",
+                       headers={"Retry-After": str(RETRY_AFTER_DEAD)}) from exc
 
 
 async def abort_on_disconnect(http: HTTPRequest | None, engine: Engine, request_id: str,
@@ -86,9 +113,12 @@ def sse(payload: dict, event: str | None = None) -> bytes:
     return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False), event=event)
 
 
-def record_outcome(state, task: str, status: int, t0: float | None = None) -> None:
-    """Count a request by task (``_base`` for the base model) and HTTP status; for a success, also observe its
-    latency in seconds since ``t0`` (``time.monotonic()``)."""
-    state.metrics.requests.labels(task, str(status)).inc()
-    if t0 is not None:
-        state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)
+def note_task(http: HTTPRequest, prompt: SoftPrompt | None) -> None:
+    """Tell the request accounting (:mod:`server.api.accounting`) which task this request is for."""
+    annotate(http.scope, task=prompt.task if prompt else "_base")
+
+
+def note_finish(http: HTTPRequest, finish_reason: str | None, *, failed: bool = False) -> None:
+    """Tell the request accounting how the request ended: its finish reason, or (``failed``) the error code of a
+    stream that failed after its 200 was sent (counted as 503)."""
+    annotate(http.scope, reason=finish_reason, status=503 if failed else None)

@@ -198,14 +198,15 @@ def script_engine(monkeypatch) -> Callable[..., list[int]]:
 
 # ----------------------------------------------------------------------------------------------------- metrics
 def metric_from_text(text: str, sample: str, labels: dict[str, str] | None = None) -> float:
-    """The value of Prometheus sample ``sample`` (e.g. ``softprompt_generated_tokens_total``) with ``labels``;
-    0.0 when a labelled child does not exist yet."""
+    """The sum of Prometheus samples named ``sample`` (e.g. ``softprompt_generated_tokens_total``) whose labels
+    include ``labels``; 0.0 when a labelled child does not exist yet."""
+    found, total = False, 0.0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == sample and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
-                return float(s.value)
-    if labels:
-        return 0.0
+                found, total = True, total + float(s.value)
+    if found or labels:
+        return total
     raise AssertionError(f"metric {sample} not exported")
 
 
@@ -284,3 +285,22 @@ def live_server(tiny_loaded: LoadedModel, tmp_path: Path) -> Iterator[Callable[.
             thread.join(5)
         with contextlib.suppress(OSError):
             sock.close()
+
+
+@pytest.fixture
+def slow_live_server(live_server, tiny_long_loaded, monkeypatch) -> Callable[..., LiveServer]:
+    """``start(step_delay_s, **settings)`` -> a :class:`LiveServer` on the long-context tiny model whose forward pass
+    sleeps ``step_delay_s`` seconds per engine step (the tiny model finishes hundreds of tokens in a moment)."""
+
+    def start(step_delay_s: float, **settings) -> LiveServer:
+        srv = live_server(loaded=tiny_long_loaded, **settings)
+        real = srv.engine.runner._forward
+
+        def forward(rows):
+            time.sleep(step_delay_s)
+            return real(rows)
+
+        monkeypatch.setattr(srv.engine.runner, "_forward", forward)
+        return srv
+
+    return start

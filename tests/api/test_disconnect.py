@@ -22,19 +22,12 @@ MAX_NEW = 500
 BODY = {"inputs": "Tell me everything you know", "parameters": {"max_new_tokens": MAX_NEW}}
 RUNNING = "softprompt_running_requests"
 GENERATED = "softprompt_generated_tokens_total"
+REQUESTS = "softprompt_requests_total"
 
 
 @pytest.fixture
-def slow_srv(live_server, tiny_long_loaded, monkeypatch):
-    srv = live_server(loaded=tiny_long_loaded, max_num_seqs=2, max_num_batched_tokens=64)
-    real = srv.engine.runner._forward
-
-    def forward(rows):
-        time.sleep(STEP_DELAY_S)
-        return real(rows)
-
-    monkeypatch.setattr(srv.engine.runner, "_forward", forward)
-    return srv
+def slow_srv(slow_live_server):
+    return slow_live_server(STEP_DELAY_S, max_num_seqs=2, max_num_batched_tokens=64)
 
 
 def _poll(pred, deadline_s: float) -> bool:
@@ -49,6 +42,13 @@ def _poll(pred, deadline_s: float) -> bool:
 
 def _tokens(srv) -> float:
     return srv.metric(GENERATED, {"task": "_base"})
+
+
+def _assert_counted_cancelled(srv, n: int) -> None:
+    """The dropped requests are counted once each, as 499 "cancelled" (and as nothing else)."""
+    assert _poll(lambda: srv.metric(REQUESTS, {"status": "499"}) == n, DEADLINE_S), srv.metric(REQUESTS)
+    assert srv.metric(REQUESTS, {"status": "499", "reason": "cancelled", "task": "_base"}) == n
+    assert srv.metric(REQUESTS) == n
 
 
 def _open_two_streams_and_close(srv) -> list[dict]:
@@ -117,6 +117,7 @@ def test_c14_closed_streams_stop_computing(slow_srv, tiny_long_loaded, greedy_re
     first = _open_two_streams_and_close(slow_srv)
     assert all("text" in e and "token_ids" in e for e in first)
     _assert_no_more_compute(slow_srv)
+    _assert_counted_cancelled(slow_srv, 2)
     assert 2 <= _tokens(slow_srv) - before < MAX_NEW / 2  # far below the 2 x 500 they asked for
     _assert_served_at_once(slow_srv, tiny_long_loaded, greedy_ref, decode)
 
@@ -126,6 +127,7 @@ def test_c14_dropped_plain_requests_stop_computing(slow_srv, tiny_long_loaded, g
     raised = _drop_two_plain_requests(slow_srv)
     assert len(raised) == 2  # both clients gave up: neither got a response
     _assert_no_more_compute(slow_srv)
+    _assert_counted_cancelled(slow_srv, 2)
     assert 2 <= _tokens(slow_srv) - before < MAX_NEW / 2
     _assert_served_at_once(slow_srv, tiny_long_loaded, greedy_ref, decode)
 
@@ -158,5 +160,6 @@ def test_c14_openai_stream_closed_early_stops_computing(slow_srv):
         assert first.choices[0].finish_reason is None
         stream.close()
     _assert_no_more_compute(slow_srv)
+    _assert_counted_cancelled(slow_srv, 1)
     made = _tokens(slow_srv) - before
     assert made >= 1 and made < MAX_NEW / 2

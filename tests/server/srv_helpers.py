@@ -16,6 +16,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from prompt_store.formats import ParsedPrompt
 from prompt_store.registry import PromptRegistry, SoftPrompt
@@ -270,3 +271,36 @@ def make_settings(prompts: Path | None, **overrides) -> Settings:
     )
     kw.update(overrides)
     return Settings(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP checks
+def assert_error(r, status: int, *, code: str | None = None, param: str | None = None, contains=()) -> dict:
+    """``r`` is ``status`` with the one error shape (and the given code, param and message parts); its error."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+    for s in contains:
+        assert s in err["message"], (s, err["message"])
+    return err
+
+
+def families(client) -> dict:
+    """``GET /metrics`` of a test client, parsed: metric family name -> family."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def samples(fams, name: str, suffix: str = "", **labels) -> list:
+    """Samples of family ``name`` named ``name + suffix`` whose labels include ``labels``."""
+    return [s for s in fams[name].samples
+            if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def value(fams, name: str, suffix: str = "", **labels) -> float:
+    """Sum of the matching samples' values (0 when none match)."""
+    return sum(s.value for s in samples(fams, name, suffix, **labels))

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from srv_helpers import EOS_ID, TINY_CONTEXT, decode_text, greedy_reference, rand_tensor, raw_bytes
+from srv_helpers import EOS_ID, TINY_CONTEXT, assert_error, decode_text, greedy_reference, rand_tensor, raw_bytes
 
 QA_N = 5
 
@@ -53,19 +53,6 @@ def concurrently(fns) -> list:
         t.join(120)
     assert all(not t.is_alive() for t in threads)
     return out
-
-
-def assert_error(r, status: int, *, code: str | None = None, param: str | None = None, contains=()) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
-    if code is not None:
-        assert err["code"] == code
-    if param is not None:
-        assert err["param"] == param
-    for s in contains:
-        assert s in err["message"], (s, err["message"])
-    return err
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -303,7 +290,7 @@ def test_tiny_temperature_does_not_kill_the_engine(qa_client, qa_prompt, tiny_lo
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_full_queue_is_503_overloaded(make_client, qa_prompt):
+def test_full_queue_is_429_with_retry_after(make_client, qa_prompt):
     client = make_client(max_waiting=1)
     engine = client.app.state.sp.engine
     gate, blocked = threading.Event(), threading.Event()
@@ -331,7 +318,8 @@ def test_full_queue_is_503_overloaded(make_client, qa_prompt):
             end.wait(0.05)
         assert engine._inbox.qsize() == 1
         r = gen(client, "third", max_new_tokens=3)
-        assert_error(r, 503, code="overloaded", contains=("1",))
+        assert_error(r, 429, code="overloaded", contains=("1 requests already waiting",))
+        assert 1 <= int(r.headers["retry-after"]) <= 60
     finally:
         gate.set()
         ta.join(60)

@@ -7,24 +7,9 @@ import time
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from srv_helpers import Spec, make_engine, new_request, rand_tensor, raw_bytes
+from srv_helpers import Spec, families, make_engine, new_request, rand_tensor, raw_bytes, samples, value
 
 from server.app import create_app
-
-
-def families(client) -> dict:
-    r = client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {f.name: f for f in text_string_to_metric_families(r.text)}
-
-
-def samples(fams, name: str, suffix: str = "", **labels) -> list:
-    return [s for s in fams[name].samples
-            if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())]
-
-
-def value(fams, name: str, suffix: str = "", **labels) -> float:
-    return sum(s.value for s in samples(fams, name, suffix, **labels))
 
 
 def gen(client, task, text="hello there", n=4, **extra):
@@ -39,7 +24,7 @@ def test_health_and_ready(make_client, prompts_dir):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     r = client.get("/ready")
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "model": "tiny-llama", "prompts": 1}
+    assert r.json() == {"ready": True, "draining": False, "model": "tiny-llama", "prompts": 1}
 
 
 def test_ready_is_503_before_startup_and_after_shutdown(tiny_loaded, make_client):
