@@ -1,13 +1,18 @@
 """Application assembly: :class:`AppState` (model, engine, prompt registry/store, metrics) and :func:`create_app`.
 
 Start-up order (FastAPI lifespan): load the model (unless one was passed in), start the engine thread, scan the
-prompt directory, start the watcher; ``/ready`` turns 200 after that. Shut-down reverses it.
+prompt directory, start the watcher; ``/ready`` turns 200 after that. Shut-down reverses it; before it,
+:meth:`AppState.drain` (``softprompt serve`` runs it on SIGTERM) lets running requests finish.
+
+Middleware, outermost first: request accounting (:mod:`server.api.accounting`), the admin gate and listener split
+(:mod:`server.api.admin_gate`), the inference gate (API key, body size: :mod:`server.api.inference_gate`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -17,8 +22,10 @@ from prompt_store.registry import PromptRegistry, SoftPrompt
 from prompt_store.store import PromptStore
 from server import __version__
 from server.api import admin, generate, openai_compat, ops
+from server.api.accounting import RequestAccounting
 from server.api.admin_gate import AdminGate
 from server.api.errors import install_error_handlers
+from server.api.inference_gate import InferenceGate
 from server.api.openapi import install_openapi
 from server.config import Settings
 from server.engine import Engine
@@ -39,6 +46,7 @@ class AppState:
     engine: Engine | None = None
     store: PromptStore | None = None
     ready: bool = False
+    draining: bool = False  # set once by drain(): /ready 503, new requests 503
     engine_on_caller: bool = False  # the engine loop runs on the thread that calls Engine.run_forever (serve)
 
     def start(self) -> None:
@@ -67,6 +75,29 @@ class AppState:
             if s.watch:
                 self.store.start_watching()
         self.ready = True
+
+    def drain(self, timeout: float, poll: float = 0.05) -> int:
+        """Graceful shutdown's first half (any thread; ``softprompt serve`` runs it on SIGTERM): from now on
+        ``/ready`` is 503 and new requests get 503; requests already accepted get up to ``timeout`` seconds to
+        finish, then the engine ends the rest with finish reason "shutdown" (their text so far is kept and sent).
+        Returns once every request has its final output (or 10 s after the timeout, if the engine loop is stuck):
+        the number of requests that were ended by the timeout."""
+        self.draining = True
+        engine = self.engine
+        if engine is None:
+            return 0
+        deadline = time.monotonic() + timeout
+        while engine.num_open and time.monotonic() < deadline and engine.alive:
+            time.sleep(poll)
+        cut = engine.num_open
+        if cut:
+            log.warning("drain timeout of %.1f s over: ending %d requests with finish_reason 'shutdown'", timeout, cut)
+            engine.end_all()
+            stuck = time.monotonic() + 10.0
+            while engine.num_open and time.monotonic() < stuck and engine.alive:
+                time.sleep(poll)
+        log.info("drained: %d requests ended by the drain timeout", cut)
+        return cut
 
     def stop(self) -> None:
         self.ready = False
@@ -118,7 +149,9 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
         redoc_url=None,  # its assets would come from a CDN
     )
     app.state.sp = state
+    app.add_middleware(InferenceGate)  # add_middleware puts each one outside those before it
     app.add_middleware(AdminGate)
+    app.add_middleware(RequestAccounting)
     install_error_handlers(app)
     app.include_router(generate.router)
     app.include_router(openai_compat.router)
