@@ -10,6 +10,7 @@ request-body size limit, both checked before any body is parsed.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from starlette.responses import JSONResponse
@@ -22,14 +23,16 @@ ADMIN_PREFIX = "/v1/admin"
 
 
 def check_bearer(expected: str, authorization: str | None, *, what: str) -> None:
-    """``authorization`` must be ``Bearer <expected>``; the comparison is constant-time.
+    """``authorization`` must be ``Bearer <expected>``. The comparison is constant-time in the content and, as both
+    sides are hashed (SHA-256) first, does not reveal the expected length either.
 
     Raises:
         APIError: 401 (``invalid_api_key``) naming the expected header.
     """
     scheme, _, given = (authorization or "").partition(" ")
     given = given.strip()
-    if scheme.lower() != "bearer" or not given or not secrets.compare_digest(given.encode(), expected.encode()):
+    same = secrets.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+    if scheme.lower() != "bearer" or not given or not same:
         raise APIError(401, f"missing or wrong {what}: expected 'Authorization: Bearer <{what}>'",
                        type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
