@@ -186,11 +186,11 @@ def test_bad_sampling_parameters_are_422(qa_client, params, field):
     assert_error(r, 422, param=f"parameters.{field}", contains=(field,))
 
 
-def test_malformed_bodies_are_422(qa_client):
+def test_malformed_bodies_are_422_and_invalid_json_400(qa_client):
     assert_error(qa_client.post("/v1/generate", json={"parameters": {}}), 422, param="inputs")
     assert_error(qa_client.post("/v1/generate", json={"inputs": 5}), 422, param="inputs")
     r = qa_client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    assert_error(r, 400, code="invalid_json", contains=("line 1, column 2",))
 
 
 def test_sampled_generation_with_seed_is_reproducible(qa_client):
