@@ -149,6 +149,23 @@ def test_deadline_expires_waiting_and_running_requests_in_the_engine(tiny_loaded
 
 
 # ------------------------------------------------------------------------------------------------ overload
+def test_full_queue_answers_429_with_retry_after(make_client, qa):
+    client = make_client(max_waiting=1)
+    engine = client.app.state.sp.engine
+    with engine_held(client) as held:
+        ta, ra = in_background(gen, client, "qa", n=3)
+        assert held.wait(30)  # a is admitted; the engine is held inside its first step
+        tb, rb = in_background(gen, client, None, "second", 3)
+        assert wait_for(lambda: engine._inbox.qsize() == 1)  # b waits in the inbox: nothing drains it meanwhile
+        r = gen(client, None, "third", 3)
+        assert_error(r, 429, code="overloaded", contains=("1 requests already waiting",))
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+    ta.join(60)
+    tb.join(60)
+    assert ra["r"].status_code == 200 and rb["r"].status_code == 200
+    assert gen(client, None, "fourth", 2).status_code == 200
+
+
 def test_token_bounded_queue_answers_429_with_retry_after(make_client, qa):
     client = make_client(max_waiting_tokens=8)
     engine = client.app.state.sp.engine
