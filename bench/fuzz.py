@@ -41,6 +41,10 @@ SERVER_BOUNDS = ["--default-max-new-tokens", "8", "--request-timeout", "2", "--m
 EXAMPLE_PROMPTS = ["topic", "date-format-prefix"]
 
 
+class ServerGone(Exception):
+    """The server stopped answering (connection refused): the rest of the run would only repeat that."""
+
+
 @dataclass
 class OperationStats:
     """What happened to one operation: requests sent, their statuses, and the distinct failures."""
@@ -116,7 +120,15 @@ def fuzz(base_url: str, *, admin_token: str, examples: int = 200, seed: int = 0,
             test = settings(max_examples=examples - stats.examples, deadline=None, database=None,
                             phases=[Phase.generate], suppress_health_check=list(HealthCheck))(
                 given(case=cases, data=st.data())(send))
-            hseed(seed + rounds)(test)()
+            try:
+                hseed(seed + rounds)(test)()
+            except ServerGone as exc:
+                stats.failed_examples += 1
+                stats.failures.setdefault(str(exc), f"{exc} after {stats.examples} examples of {op.label}; "
+                                          "operations after it were not run")
+                log(f"  {stats.line()}  STOPPED: {exc}")
+                results.append(stats)
+                return results
             rounds += 1
         log(f"  {stats.line()}  ({time.monotonic() - t0:.1f} s)")
         results.append(stats)
@@ -166,6 +178,8 @@ def _send(case, data, base_url, session, auth, timeout, tasks, models, upload):
         return case.call(base_url=base_url, session=session, headers=auth, timeout=timeout)
     except requests.Timeout:
         return f"no response within {timeout} s: {case.as_curl_command(headers=auth, base_url=base_url)}"
+    except requests.ConnectionError as exc:
+        raise ServerGone(f"server unreachable ({exc.__class__.__name__}); it died or exited") from exc
     except requests.RequestException as exc:
         return f"request failed ({type(exc).__name__}: {exc}): {case.as_curl_command(base_url=base_url)}"
 
