@@ -55,6 +55,7 @@ def _sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
     probs = torch.softmax(sorted_s, dim=-1)
     drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # mass before this token already enough
+    drop[:, 0] = False  # the most likely token always stays (a top_p that rounds to 0 in fp32 would drop them all)
     probs = torch.softmax(sorted_s.masked_fill(drop, float("-inf")), dim=-1)
     cdf = probs.cumsum(-1)  # [S, V]
     u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(dev, non_blocking=True)[:, None] * cdf[:, -1:]

@@ -304,3 +304,14 @@ def test_every_generation_request_is_counted_once_with_its_final_status(make_cli
     expected[("_unknown", "400", err["code"] or err["type"])] = 1
     assert got == sorted((*k, float(v)) for k, v in expected.items())
     assert value(fams, "softprompt_request_latency_seconds", "_count") == 4  # the 200s
+
+
+def test_fuzz_finding_top_p_below_float32_is_served_and_the_engine_lives(make_client, qa):
+    client = make_client()
+    for url, body in (("/v1/generate", {"inputs": "hi", "parameters": {"temperature": 1, "top_p": 5e-324,
+                                                                       "max_new_tokens": 2}}),
+                      ("/v1/chat/completions", {"model": "qa", "messages": [{"role": "user", "content": "hi"}],
+                                                "top_p": 5e-324, "max_tokens": 2})):
+        r = client.post(url, json=body)
+        assert r.status_code == 200, r.text
+    assert client.get("/health").json()["status"] == "ok"

@@ -39,6 +39,15 @@ def test_tiny_top_p_equals_greedy():
     assert out == logits.argmax(-1).tolist()
 
 
+def test_top_p_that_rounds_to_zero_in_fp32_keeps_the_top_token():
+    # 5e-324 passes the API's "> 0" check but is 0.0 as float32: every token would be dropped (fuzz finding)
+    logits = _logits(4, seed=3)
+    params = [SamplingParams(temperature=1.0, top_p=5e-324), SamplingParams(temperature=2.0, top_p=1e-45),
+              SamplingParams(temperature=1.0, top_p=5e-324, top_k=3), SamplingParams()]
+    out = sample(logits, params, [_gen(i) for i in range(4)])
+    assert out == logits.argmax(-1).tolist()
+
+
 def test_seeded_sampling_is_reproducible():
     logits = _logits(4, seed=3)
     params = [SamplingParams(temperature=1.0, seed=7)] * 4
