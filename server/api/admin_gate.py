@@ -11,12 +11,11 @@ reading the body. The route still checks auth and the size of what it reads.
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from prompt_store.formats import ARCHIVE_SLACK_BYTES
 from server.api.deps import check_admin
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError, error_response
 
 #: Room for multipart framing around the file, bytes.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -73,8 +72,6 @@ class AdminGate:
                 raise APIError(413, f"request body of {int(declared)} bytes is larger than the limit of {limit} "
                                "bytes", code="too_large")
         except APIError as exc:
-            response = JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
-                                    headers=exc.headers)
-            await response(scope, receive, send)
+            await error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)

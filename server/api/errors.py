@@ -120,7 +120,8 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", first
 
 
-def _response(exc: APIError) -> JSONResponse:
+def error_response(exc: APIError) -> JSONResponse:
+    """``exc`` as a response in the one error shape, with its status and headers (ASGI middleware use it too)."""
     return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
                         headers=exc.headers)
 
@@ -131,13 +132,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _response(exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         special = _json_error(exc) or _body_error(exc, request)
         if special is not None:
-            return _response(special)
+            return error_response(special)
         message, param = describe_validation(exc)
         return JSONResponse(error_body(message, "invalid_request_error", "validation_error", param),
                             status_code=422)

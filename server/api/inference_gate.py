@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError, error_response
 
 INFERENCE_PREFIX = "/v1/"
 ADMIN_PREFIX = "/v1/admin"
@@ -71,9 +70,7 @@ class InferenceGate:
             if scope["method"] == "POST":
                 receive = await self._bounded(receive, headers.get("content-length", ""), settings.max_request_bytes)
         except APIError as exc:
-            response = JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
-                                    headers=exc.headers)
-            await response(scope, receive, send)
+            await error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 

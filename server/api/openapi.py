@@ -95,6 +95,7 @@ class ReadyStatus(BaseModel):
     """Readiness: 200 once the model is loaded, the engine runs and the first prompt scan is done."""
 
     ready: bool
+    draining: bool = Field(description="True from the moment a shutdown starts draining (then 503).")
     model: str | None = Field(description="The base model's id (null while starting).")
     prompts: int = Field(description="Soft prompts loaded.")
 
