@@ -44,7 +44,8 @@ def preflight(server: str, admin_token: str) -> None:
             r = cli.get("/v1/admin/prompts", headers=auth)
     except httpx.HTTPError as exc:
         raise BenchError(f"server {server} is not reachable ({exc!r}); start it with "
-                         "`softprompt serve --admin-token TOKEN --port PORT`") from exc
+                         "`softprompt serve --admin-token TOKEN --port PORT --prompts DIR` (or --memory-prompts "
+                         "instead of --prompts: the bench uploads its tasks)") from exc
     if r.status_code in (401, 403):
         raise BenchError(f"admin access refused ({r.status_code}): {_error_message(r)}; "
                          "pass the server's --admin-token")

@@ -69,6 +69,9 @@ class AppState:
             on_load=self._on_load,
             on_error=self._on_error,
         )
+        if s.prompts is None and s.memory_prompts and s.admin_token is not None:
+            log.warning("no --prompts directory and --memory-prompts: admin uploads are kept in memory only and "
+                        "lost on restart")
         if s.prompts is not None:
             stats = self.store.scan()
             log.info("prompt scan of %s: %s", s.prompts, stats)

@@ -9,19 +9,13 @@
 Durability: with no prompt directory (``--prompts``) uploads and deletes answer 409 ``no_prompt_dir``, unless the
 server was started with ``--memory-prompts`` (tasks kept in memory only, ``"persisted": false``, lost on restart).
 
-Audit: every admin request that reaches a route logs one line at INFO on logger ``softprompt.audit``: ``action``,
-``task``, ``outcome`` (``created`` / ``replaced`` / ``unchanged`` / ``deleted`` / ``listed`` / ``found`` or the
-error code), HTTP ``status``, ``version`` and ``sha256`` (first 12 hex digits) when known, ``bytes`` uploaded and
-``client`` (the peer address). The same fields are attached to the record as ``record.audit`` (a dict). Tokens are
-never logged.
+Audit: every admin request logs one line on logger ``softprompt.audit`` (:mod:`server.api.audit`); the routes log
+what they did, the admin gate what it refused before a route ran (401, 403, 413, wrong listener).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import re
 
 from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -29,46 +23,11 @@ from fastapi.responses import JSONResponse
 from prompt_store.errors import PromptError
 from prompt_store.formats import validate_task_name
 from server.api.admin_gate import upload_limit
+from server.api.audit import audit
 from server.api.deps import Admin, State
 from server.api.errors import APIError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
-audit_log = logging.getLogger("softprompt.audit")
-
-#: Audit values written as they are; anything else (spaces, quotes, newlines in a refused task name) is JSON-quoted.
-_BARE = re.compile(r"[A-Za-z0-9_.:/+-]{1,200}")
-_AUDIT_FIELDS = ("action", "task", "outcome", "status", "version", "sha256", "bytes", "client")
-
-
-def audit(request: Request, action: str, *, task: str | None, outcome: str, status: int,
-          version: int | None = None, sha256: str | None = None, nbytes: int | None = None) -> None:
-    """Log one audit line for an admin action on ``softprompt.audit`` at INFO.
-
-    Args:
-        request: the HTTP request (its peer address is logged as ``client``).
-        action: ``upload``, ``delete``, ``list`` or ``get``.
-        task: the task named in the path (as given, even if invalid), or ``None`` for the listing.
-        outcome: what happened: ``created``, ``replaced``, ``unchanged``, ``deleted``, ``listed``, ``found``, or
-            the error code of a refusal (e.g. ``no_prompt_dir``, ``bad_shape``, ``task_not_found``).
-        status: the HTTP status answered.
-        version, sha256: the prompt's, when known (``sha256`` is cut to its first 12 hex digits).
-        nbytes: bytes of the uploaded file read, for uploads.
-    """
-    fields = {
-        "action": action, "task": task, "outcome": outcome, "status": status, "version": version,
-        "sha256": sha256[:12] if sha256 else None, "bytes": nbytes,
-        "client": request.client.host if request.client is not None else None,
-    }
-    parts = []
-    for key in _AUDIT_FIELDS:
-        value = fields[key]
-        if value is None:
-            continue
-        text = str(value)
-        parts.append(f"{key}={text if _BARE.fullmatch(text) else json.dumps(text)}")
-    audit_log.info("admin %s", " ".join(parts), extra={"audit": fields})
-
-
 def _prompt_error(exc: PromptError) -> APIError:
     status = 413 if exc.reason == "too_large" else 422
     return APIError(status, str(exc), code=exc.reason)

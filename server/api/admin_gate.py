@@ -6,7 +6,8 @@ routes (``/health``, ``/ready``, ``/metrics``) too and nothing else; the main li
 FastAPI parses a multipart body before it runs a route's dependencies, so without this gate anyone could make the
 server spool a large upload before being told 401. The gate answers 401/403 (same rules as
 :func:`server.api.deps.check_admin`) and 413 for a declared ``Content-Length`` over the upload limit, without
-reading the body. The route still checks auth and the size of what it reads.
+reading the body, and logs each such refusal of an admin request to the audit log (:mod:`server.api.audit`). The
+route still checks auth and the size of what it reads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from prompt_store.formats import ARCHIVE_SLACK_BYTES
+from server.api.audit import admin_action, audit
 from server.api.deps import check_admin
 from server.api.errors import APIError, error_response
 
@@ -72,6 +74,9 @@ class AdminGate:
                 raise APIError(413, f"request body of {int(declared)} bytes is larger than the limit of {limit} "
                                "bytes", code="too_large")
         except APIError as exc:
+            if is_admin:
+                action, task = admin_action(scope["method"], scope["path"])
+                audit(scope, action, task=task, outcome=exc.code or exc.type, status=exc.status)
             await error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -196,3 +196,18 @@ def test_refused_upload_without_prompt_dir_is_audited_and_odd_names_are_quoted(m
         "admin action=upload task=qa outcome=no_prompt_dir status=409 client=testclient",
         'admin action=delete task="a b\\nforged" outcome=no_prompt_dir status=409 client=testclient',
     ]
+
+
+def test_refusals_by_the_admin_gate_are_audited(make_client, caplog):
+    client = make_client()
+    closed = make_client(admin_token=None)
+    with caplog.at_level(logging.INFO, logger="softprompt.audit"):
+        put(client, "qa", raw_bytes(rand_tensor(3)), {"Authorization": "Bearer wrong-token"})
+        client.get(URL)
+        closed.delete(f"{URL}/qa", headers={"Authorization": "Bearer x"})
+    assert audit_lines(caplog) == [
+        "admin action=upload task=qa outcome=invalid_token status=401 client=testclient",
+        "admin action=list outcome=invalid_token status=401 client=testclient",
+        "admin action=delete task=qa outcome=admin_disabled status=403 client=testclient",
+    ]
+    assert not any("wrong-token" in r.getMessage() for r in caplog.records)
