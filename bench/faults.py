@@ -104,8 +104,12 @@ def upload(srv: ServerProcess, task: str, data: bytes, timeout: float = 60.0) ->
 
 
 def stray_entries(directory: Path, expected: set[str]) -> list[str]:
-    """Entries of ``directory`` other than ``expected`` (dot-files included): what a crash must not leave."""
-    return sorted(set(os.listdir(directory)) - expected)
+    """What a crash must not leave in a prompt directory: entries under task names other than ``expected``, and
+    dot-entries named after an expected task (``.victim.tmp-...``; the store's own files such as
+    ``.versions.json`` are not strays)."""
+    tasks = {e.removesuffix(".safetensors") for e in expected}
+    return sorted(e for e in os.listdir(directory) if e not in expected and (
+        not e.startswith(".") or any(e.startswith(f".{t}.") for t in tasks)))
 
 
 def load_errors(srv: ServerProcess) -> tuple[float, dict]:

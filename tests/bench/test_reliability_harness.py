@@ -109,7 +109,7 @@ def test_result_passes_only_when_every_check_is_met():
 
 
 def test_stray_entries_and_raw_prompt(tmp_path):
-    for name in ("topic", "victim.safetensors", ".victim.tmp-0123456789abcdef", "victim"):
+    for name in ("topic", "victim.safetensors", ".victim.tmp-0123456789abcdef", "victim", ".versions.json"):
         (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_bytes(b"")
     assert stray_entries(tmp_path, {"topic", "victim.safetensors"}) == [".victim.tmp-0123456789abcdef", "victim"]
     from safetensors.numpy import load
