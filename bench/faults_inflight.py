@@ -24,7 +24,7 @@ import httpx
 
 from .driver import sse_events
 from .faults import Env, Result, prompt_meta, upload
-from .procs import copy_prompts, metric_sum, raw_prompt_bytes, retry_after_ok
+from .procs import copy_prompts, count_by_label, metric_sum, raw_prompt_bytes, retry_after_ok
 
 RUNNING = "softprompt_running_requests"
 WAITING = "softprompt_waiting_requests"
@@ -163,7 +163,7 @@ def disconnects(env: Env, n: int = 200, max_new_tokens: int = 200, settle_s: flo
         async def go() -> tuple[list, list, float, dict]:
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as mc, httpx.AsyncClient(
                     base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=n + 8)) as cli:
-                before = metric_sum(await _metrics(mc), REQUESTS_TOTAL) or 0.0
+                before = count_by_label(await _metrics(mc), REQUESTS_TOTAL, "status")
                 peak = {"running": 0.0, "waiting": 0.0, "s_to_first_running": None}
                 t0 = time.monotonic()
                 clients = asyncio.gather(*(one(cli, *p) for p in plan))
@@ -187,7 +187,8 @@ def disconnects(env: Env, n: int = 200, max_new_tokens: int = 200, settle_s: flo
                         break
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(2.0)
-                counted = (metric_sum(await _metrics(mc), REQUESTS_TOTAL) or 0.0) - before
+                after = count_by_label(await _metrics(mc), REQUESTS_TOTAL, "status")
+                counted = {k: round(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
                 return ends, polls, counted, peak
 
         ends, polls, counted, peak = asyncio.run(go())
@@ -202,7 +203,10 @@ def disconnects(env: Env, n: int = 200, max_new_tokens: int = 200, settle_s: flo
     res.check(f"0 running and 0 request KV blocks within {settle_s} s of the last hang-up",
               freed and last[0] <= settle_s, f"{'reached' if freed else 'NOT reached'} after {last[0]:.3f} s "
               f"(running {last[1]}, request blocks {last[2]}, waiting {last[3]})")
-    res.check("the server counts each request once", round(counted) == n, f"server +{counted:g} vs {n} sent")
+    cut = kinds.get("disconnected", 0)
+    res.check("the server counts each request once, a hung-up one as 499",
+              sum(counted.values()) == n and counted.get("499", 0) == cut,
+              f"server +{sum(counted.values())} {dict(sorted(counted.items()))} vs {n} sent, {cut} hung up")
     return res
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from .driver import sse_events
-from .procs import REPO, ServerProcess, copy_prompts, metric_sum, retry_after_ok, target_line
+from .procs import REPO, ServerProcess, copy_prompts, count_by_label, retry_after_ok, target_line
 from .stats import percentile
 
 TASKS = ["date-format", "topic", "unit-convert", "extract-name", "topic-ptuning", "date-format-prefix"]
@@ -231,8 +231,11 @@ def evaluate(fig: dict) -> list[tuple[str, bool, str]]:
     else:
         out.append(("RSS after within 10% of before", False, f"unknown ({b} -> {a})"))
     sc = fig.get("server_counted")
-    out.append(("server counts every request once", sc is not None and round(sc) == n,
-                f"server {sc if sc is None else int(round(sc))} vs client {n}"))
+    client = {k: v for k, v in fig["by_status"].items() if k != "conn_error"}
+    server = fig.get("server_by_status")  # None (unknown) is a miss
+    out.append(("server counts every request once, with its status", sc is not None and round(sc) == n
+                and server == client, f"server {sc if sc is None else int(round(sc))} {server} vs client {n} "
+                f"{client}"))
     return out
 
 
@@ -279,17 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         ready_s = srv.start()
         print(f"server {srv.url} (pid {srv.pid}, {srv.tree}) ready in {ready_s:.1f} s; log {log}", flush=True)
         asyncio.run(run_load(srv.url, warm, min(a.clients, 20)))
-        rss_before, counted_before = srv.rss_bytes(), metric_sum(srv.metrics(), REQUESTS_TOTAL) or 0.0
+        rss_before, counted_before = srv.rss_bytes(), count_by_label(srv.metrics(), REQUESTS_TOTAL, "status")
         print(f"warm-up done ({a.warmup} requests); {a.clients} clients, {a.requests} requests...", flush=True)
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         outcomes, wall = asyncio.run(run_load(srv.url, plan, a.clients))
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         time.sleep(1.0)  # let the last requests' metrics land
-        counted_after = metric_sum(srv.metrics(), REQUESTS_TOTAL)
+        counted_after = count_by_label(srv.metrics(), REQUESTS_TOTAL, "status")
         fig = aggregate(outcomes, wall)
+        by_status = {k: round(v - counted_before.get(k, 0.0)) for k, v in counted_after.items()}
         fig.update(rss_before_bytes=rss_before, rss_after_bytes=srv.rss_bytes(), clients=a.clients,
                    client_cpu_s=(cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
-                   server_counted=None if counted_after is None else counted_after - counted_before)
+                   server_counted=sum(by_status.values()) if counted_after else None,
+                   server_by_status={k: v for k, v in sorted(by_status.items()) if v})
         exit_status = srv.stop()
     fig["server_exit_status"] = exit_status
     print_figures(fig)

@@ -67,6 +67,17 @@ def metric_sum(samples: dict, name: str, **labels: str) -> float | None:
     return sum(vals) if vals else None
 
 
+def count_by_label(samples: dict, name: str, label: str) -> dict[str, float]:
+    """Sum of the samples named ``name`` grouped by the value of ``label`` (e.g. ``softprompt_requests_total`` by
+    ``status``)."""
+    out: dict[str, float] = {}
+    for (n, lab), v in samples.items():
+        if n == name:
+            key = dict(lab).get(label, "")
+            out[key] = out.get(key, 0.0) + v
+    return out
+
+
 def target_line(name: str, ok: bool, detail: str) -> str:
     """One ``PASS``/``FAIL`` line of a target."""
     return f"{'PASS' if ok else 'FAIL'}  {name}: {detail}"

@@ -78,16 +78,9 @@ def plain_file_mode() -> int:
 
 
 def plain_dir_mode() -> int:
-    """The mode a plain ``mkdir`` gives a new directory: ``0o777 & ~umask`` (``0o755`` under umask 022)."""
-    return 0o777 & ~current_umask()
-
-
-def plain_exec_mode() -> int:
-    """The mode a linker gives a new executable or shared object: ``0o777 & ~umask`` (``0o755`` under umask 022).
-
-    For a built ``.so`` compiled into a ``tempfile.mkstemp`` file, which would otherwise keep the temporary file's
-    ``0o600`` plus execute bits (``0o711``), unreadable (so not loadable) by other users.
-    """
+    """The mode a plain ``mkdir`` gives a new directory: ``0o777 & ~umask`` (``0o755`` under umask 022). Also the
+    mode a linker gives a new executable or shared object (a ``.so`` built into a ``tempfile.mkstemp`` file would
+    otherwise keep ``0o711``, not loadable by other users)."""
     return 0o777 & ~current_umask()
 
 
@@ -189,14 +182,7 @@ def write_raw(directory: Path, task: str, data: bytes) -> Path:
     Raises:
         OSError: the write failed; the previous entry is untouched and the temporary file removed.
     """
-    final = directory / f"{task}{RAW_SUFFIX}"
-    tmp = directory / _temp_name(task, "tmp")
-    try:
-        write_file(tmp, data)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    final = replace_file(directory, f"{task}{RAW_SUFFIX}", data)
     if os.path.lexists(directory / task):
         remove_entry(directory / task)
     return final

@@ -34,6 +34,9 @@ from server.model_loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
+#: After a drain ended the remaining requests, seconds to wait for their last bytes before giving up on them.
+STUCK_SECONDS = 10.0
+
 
 @dataclass
 class AppState:
@@ -47,6 +50,7 @@ class AppState:
     store: PromptStore | None = None
     ready: bool = False
     draining: bool = False  # set once by drain(): /ready 503, new requests 503
+    in_flight: int = 0  # generation requests inside the app (server.api.accounting), event-loop thread only
     engine_on_caller: bool = False  # the engine loop runs on the thread that calls Engine.run_forever (serve)
 
     def start(self) -> None:
@@ -81,24 +85,35 @@ class AppState:
 
     def drain(self, timeout: float, poll: float = 0.05) -> int:
         """Graceful shutdown's first half (any thread; ``softprompt serve`` runs it on SIGTERM): from now on
-        ``/ready`` is 503 and new requests get 503; requests already accepted get up to ``timeout`` seconds to
-        finish, then the engine ends the rest with finish reason "shutdown" (their text so far is kept and sent).
-        Returns once every request has its final output (or 10 s after the timeout, if the engine loop is stuck):
-        the number of requests that were ended by the timeout."""
+        ``/ready`` is 503 and new requests get 503 ``draining`` (also those past the route's first check, still being
+        tokenized: the engine is closed to new submissions); requests already accepted get up to ``timeout``
+        seconds to finish, then the engine ends the rest with finish reason "shutdown" (their text so far is kept and
+        sent). Returns once no generation request is inside the app any more (its last byte sent), or
+        ``STUCK_SECONDS`` after the timeout if the engine loop is stuck: the number of requests the timeout ended.
+
+        Args:
+            timeout: seconds running requests get, from the call.
+            poll: seconds between checks.
+        """
         self.draining = True
         engine = self.engine
         if engine is None:
             return 0
+        engine.close()
         deadline = time.monotonic() + timeout
-        while engine.num_open and time.monotonic() < deadline and engine.alive:
+
+        def busy() -> bool:
+            return bool(engine.num_open or self.in_flight) and engine.alive
+
+        while busy() and time.monotonic() < deadline:
             time.sleep(poll)
         cut = engine.num_open
         if cut:
             log.warning("drain timeout of %.1f s over: ending %d requests with finish_reason 'shutdown'", timeout, cut)
             engine.end_all()
-            stuck = time.monotonic() + 10.0
-            while engine.num_open and time.monotonic() < stuck and engine.alive:
-                time.sleep(poll)
+        stuck = time.monotonic() + STUCK_SECONDS
+        while busy() and time.monotonic() < stuck:
+            time.sleep(poll)
         log.info("drained: %d requests ended by the drain timeout", cut)
         return cut
 

@@ -102,14 +102,17 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     for t in threads:
         t.start()
-    while not (state.ready and state.engine is not None):
+    # every listener bound and the start-up done; a listener that could not bind ends its thread
+    while not (state.ready and state.engine is not None and all(srv.started for srv in servers)):
         if not all(t.is_alive() for t in threads):
             exit_all()
-            return 1
+            break
         threads[0].join(0.2)
-    if not all(t.is_alive() for t in threads):  # the admin listener could not bind
-        exit_all()
     engine = state.engine
+    if engine is None:  # never started: nothing runs the loop
+        for t in threads:
+            t.join()
+        return 1
     engine.run_forever()  # returns once the lifespan's shutdown stopped the engine, or the loop died
     if engine.error is not None:
         exit_all()  # a dead engine takes the HTTP server down with it

@@ -32,15 +32,23 @@ from server.request import Request, RequestStatus
 from server.scheduler import SchedulerOutput
 
 __all__ = [
-    "Engine", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "RequestOutput", "RequestRejectedError",
-    "RequestStream",
+    "Engine", "EngineClosedError", "EngineConfig", "EngineDeadError", "EngineOverloadedError", "RequestOutput",
+    "RequestRejectedError", "RequestStream",
 ]
 
 log = logging.getLogger(__name__)
 
+#: :meth:`Engine.retry_after` estimates the completion rate from at most this many recent completions, within
+#: ``RATE_WINDOW_S`` seconds.
+RATE_WINDOW_REQUESTS, RATE_WINDOW_S = 256, 60.0
+
 
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine takes no new requests: a shutdown is draining it (:meth:`Engine.close`)."""
 
 
 class EngineOverloadedError(RuntimeError):
@@ -98,7 +106,9 @@ class Engine:
         self._done = threading.Event()
         self._queued_tokens = 0  # prompt positions of submitted requests not yet admitted (guarded by _lock)
         self._charged: dict[str, int] = {}  # request id -> its positions counted in _queued_tokens
-        self._finish_times: collections.deque[float] = collections.deque(maxlen=256)  # monotonic, engine thread
+        # when requests completed (stop or length), monotonic seconds; appended by the engine thread
+        self._finish_times: collections.deque[float] = collections.deque(maxlen=RATE_WINDOW_REQUESTS)
+        self._closed = False  # close() was called: submit refuses (guarded by _lock)
 
     # shortcuts for tests and the bench
     @property
@@ -196,22 +206,25 @@ class Engine:
         Raises:
             RequestRejectedError: see :meth:`check`.
             EngineDeadError: the loop is not running.
+            EngineClosedError: :meth:`close` was called (a shutdown is draining the engine).
             EngineOverloadedError: ``max_waiting`` requests, or ``max_waiting_tokens`` prompt positions, are already
-                queued.
+                queued (submitted and not yet admitted).
         """
         self.check(request)
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         cfg = self.config
-        if len(self.core.scheduler.waiting) + self._inbox.qsize() >= cfg.max_waiting:
-            raise EngineOverloadedError(f"server overloaded: {cfg.max_waiting} requests already waiting",
-                                        self.retry_after())
         request.eos_token_ids = self.eos_token_ids
         stream = RequestStream(request)
         n = request.num_prompt_positions
         with self._lock:
             if self._dead:  # the loop died after the alive check above: never leave a stream nobody completes
                 raise EngineDeadError(f"engine is not running: {self.error!r}")
+            if self._closed:
+                raise EngineClosedError("server is shutting down: it takes no new requests")
+            if len(self._charged) >= cfg.max_waiting:
+                raise EngineOverloadedError(f"server overloaded: {cfg.max_waiting} requests already waiting",
+                                            self.retry_after())
             if self._queued_tokens and self._queued_tokens + n > cfg.max_waiting_tokens:
                 raise EngineOverloadedError(
                     f"server overloaded: {self._queued_tokens} prompt tokens already waiting; this request's {n} "
@@ -219,7 +232,7 @@ class Engine:
             self._queued_tokens += n
             self._charged[request.request_id] = n
             self._streams[request.request_id] = stream
-        self._inbox.put(("add", request))
+            self._inbox.put(("add", request))  # under the lock: never behind an "end_all" put after close()
         self._wake.set()
         return stream
 
@@ -236,14 +249,23 @@ class Engine:
             return self._queued_tokens
 
     def retry_after(self) -> int:
-        """Seconds a refused client should wait before retrying: the time the engine needs, at the rate it finished
-        its last (up to 256) requests, to finish what waits now; clamped to ``[1, 60]``."""
-        times = list(self._finish_times)
-        waiting = len(self.core.scheduler.waiting) + self._inbox.qsize()
+        """Seconds a refused client should wait before retrying: the time the engine needs, at the rate it completed
+        requests (stop or length) lately (at most the last ``RATE_WINDOW_REQUESTS``, within ``RATE_WINDOW_S``
+        seconds), to get through the requests waiting now; clamped to ``[1, 60]``; 1 with fewer than two recent
+        completions."""
+        now = time.monotonic()
+        times = [t for t in list(self._finish_times) if t >= now - RATE_WINDOW_S]  # list(): a C-level copy
+        waiting = len(self._charged)
         if len(times) < 2 or times[-1] <= times[0]:
             return 1
         rate = (len(times) - 1) / (times[-1] - times[0])  # requests per second
         return min(max(math.ceil(waiting / rate), 1), 60)
+
+    def close(self) -> None:
+        """Take no new requests from now on (:meth:`submit` raises :class:`EngineClosedError`); those already
+        submitted go on. The first step of a drain."""
+        with self._lock:
+            self._closed = True
 
     def end_all(self) -> None:
         """End every request now, with finish reason "shutdown" (their text so far is kept), at the next step."""
@@ -335,8 +357,9 @@ class Engine:
                 stream = get(out.request_id, None)
                 if stream is not None:
                     items.append((stream, out))
-                if out.finished:
+                if out.finished and out.finish_reason in ("stop", "length"):
                     self._finish_times.append(now)
+                if out.finished:
                     # finished before admission (abort, timeout, shutdown): no longer queued
                     self._queued_tokens -= self._charged.pop(out.request_id, 0)
         deliver(items)

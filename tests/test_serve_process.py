@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -25,10 +26,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(proc: subprocess.Popen, port: int) -> None:
+def _start(args: list[str], log: Path, token: str = "") -> subprocess.Popen:
+    """``softprompt serve`` with ``args``, its output to the file ``log`` (a pipe nobody reads could fill up and
+    block the server)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen([*SERVE, *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": token})
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path) -> None:
     deadline = time.monotonic() + 180
     while True:
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
                 return
@@ -40,10 +49,10 @@ def _wait_ready(proc: subprocess.Popen, port: int) -> None:
 
 def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([*SERVE, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": ""})
+    log = tmp_path / "serve.log"
+    proc = _start(["--port", str(port)], log)
     try:
-        _wait_ready(proc, port)
+        _wait_ready(proc, port, log)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=60,
                        json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -56,9 +65,11 @@ def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
 
 def test_sigterm_drains_a_stream_and_admin_has_its_own_listener(tmp_path):
     port, admin_port = _free_port(), _free_port()
-    proc = subprocess.Popen([*SERVE, "--port", str(port), "--admin-port", str(admin_port), "--drain-timeout", "1",
-                             "--prompts", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": "t0k"})
+    log = tmp_path / "serve.log"
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    proc = _start(["--port", str(port), "--admin-port", str(admin_port), "--drain-timeout", "1",
+                   "--prompts", str(prompts)], log, token="t0k")
     base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     auth = {"Authorization": "Bearer t0k"}
     events: list = []
@@ -69,7 +80,7 @@ def test_sigterm_drains_a_stream_and_admin_has_its_own_listener(tmp_path):
             events.extend(json.loads(ln[5:]) for ln in r.iter_lines() if ln.startswith("data:"))
 
     try:
-        _wait_ready(proc, port)
+        _wait_ready(proc, port, log)
         assert httpx.get(f"{base}/v1/admin/prompts", headers=auth).status_code == 404
         assert httpx.get(f"{admin}/v1/admin/prompts", headers=auth).json() == {"prompts": [], "total_bytes": 0}
         assert httpx.get(f"{admin}/ready").status_code == 200

@@ -14,6 +14,9 @@ Routes report what only they know through :func:`annotate` (the task, the finish
 that failed after its 200 was sent); the middleware sees
 statuses that no route handler sees (401/413 from the gates, 422 from validation, a cancelled stream). A 200 that
 ends with a real finish reason also gets its latency observed.
+
+It also keeps ``AppState.in_flight``, the generation requests inside the app (from arrival to the last byte sent),
+which a drain waits for: a request still being tokenized is not in the engine yet.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def annotate(scope: Scope, **values: str | int | None) -> None:
     scope.setdefault(SCOPE_KEY, {}).update({k: v for k, v in values.items() if v is not None})
 
 
-def _error_code(body: bytes) -> str | None:
+def error_code(body: bytes) -> str | None:
+    """The ``code`` (else ``type``) of an error body in the one error shape; None if the body is not one."""
     try:
         err = json.loads(body).get("error")
         return err.get("code") or err.get("type") if isinstance(err, dict) else None
@@ -59,6 +63,8 @@ class RequestAccounting:
             return
         t0 = time.monotonic()
         sent: dict = {"status": None, "error_body": b"", "complete": False}
+        state = scope["app"].state.sp
+        state.in_flight += 1  # the event loop's thread only: no lock needed
 
         async def send_and_watch(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -76,6 +82,7 @@ class RequestAccounting:
             sent.update(status=500, complete=True, error_body=b'{"error": {"code": "internal_error"}}')
             raise
         finally:  # also on cancellation (the client went away): counted as 499
+            state.in_flight -= 1
             self._record(scope, match, sent, t0)
 
     @staticmethod
@@ -91,7 +98,7 @@ class RequestAccounting:
                 or (status == 200 and reason not in FINISHED)):
             status, reason = CLIENT_CLOSED, "cancelled"  # the client left before its final output
         elif status >= 400:
-            reason = _error_code(sent["error_body"]) or reason or "error"
+            reason = error_code(sent["error_body"]) or reason or "error"
         state.metrics.requests.labels(task, str(status), reason).inc()
         if status == 200:
             state.metrics.request_latency.labels(task).observe(time.monotonic() - t0)

@@ -24,10 +24,12 @@ from prompt_store.errors import PromptError
 from prompt_store.formats import validate_task_name
 from server.api.admin_gate import upload_limit
 from server.api.audit import audit
-from server.api.deps import Admin, State
+from server.api.deps import RETRY_AFTER_STARTING, Admin, State
 from server.api.errors import APIError
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
 def _prompt_error(exc: PromptError) -> APIError:
     status = 413 if exc.reason == "too_large" else 422
     return APIError(status, str(exc), code=exc.reason)
@@ -42,7 +44,8 @@ def _check_name(task: str) -> None:
 
 def _store(state):
     if state.store is None:
-        raise APIError(503, "server is starting", type="server_error", code="not_ready")
+        raise APIError(503, "server is starting", type="server_error", code="not_ready",
+                       headers={"Retry-After": str(RETRY_AFTER_STARTING)})
     return state.store
 
 

@@ -12,10 +12,11 @@ route still checks auth and the size of what it reads.
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prompt_store.formats import ARCHIVE_SLACK_BYTES
-from server.api.audit import admin_action, audit
+from server.api.accounting import error_code
+from server.api.audit import AUDITED, admin_action, audit
 from server.api.deps import check_admin
 from server.api.errors import APIError, error_response
 
@@ -79,4 +80,25 @@ class AdminGate:
                 audit(scope, action, task=task, outcome=exc.code or exc.type, status=exc.status)
             await error_response(exc)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        await self._audited(scope, receive, send)
+
+    async def _audited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; if no route logged an audit line (a 404/405/422/400 before any route code ran, a crash),
+        log one from the status and error code sent."""
+        sent: dict = {"status": None, "body": b""}
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body" and len(sent["body"]) < 65536:
+                sent["body"] += message.get("body", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if not scope.get(AUDITED):
+                action, task = admin_action(scope["method"], scope["path"])
+                status = sent["status"] or 499
+                outcome = error_code(sent["body"]) if status >= 400 else "ok"
+                audit(scope, action, task=task, outcome=outcome or "error", status=status)

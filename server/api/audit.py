@@ -16,6 +16,9 @@ import re
 from starlette.requests import Request
 from starlette.types import Scope
 
+#: Scope key set once a line was logged for the request (the admin gate logs the ones no route logged).
+AUDITED = "softprompt_audited"
+
 audit_log = logging.getLogger("softprompt.audit")
 
 #: Audit values written as they are; anything else (spaces, quotes, newlines in a refused task name) is JSON-quoted.
@@ -49,6 +52,8 @@ def audit(request: Request | Scope, action: str, *, task: str | None, outcome: s
             continue
         text = str(value)
         parts.append(f"{key}={text if _BARE.fullmatch(text) else json.dumps(text)}")
+    scope = request.scope if isinstance(request, Request) else request
+    scope[AUDITED] = True
     audit_log.info("admin %s", " ".join(parts), extra={"audit": fields})
 
 
@@ -60,7 +65,11 @@ def _client(request: Request | Scope) -> str | None:
 
 
 def admin_action(method: str, path: str, prefix: str = "/v1/admin/prompts") -> tuple[str, str | None]:
-    """``(action, task)`` of an admin request from its method and path (for refusals made before any route)."""
+    """``(action, task)`` of an admin request from its method and path (for requests no route logged): ``upload``,
+    ``delete``, ``get`` or ``list`` on the prompt routes; the method in lower case for anything else."""
     task = path[len(prefix) + 1:] if path.startswith(prefix + "/") else None
-    actions = {"PUT": "upload", "DELETE": "delete", "GET": "get" if task else "list"}
-    return actions.get(method, method.lower()), task
+    if path == prefix or path == prefix + "/":
+        return {"GET": "list"}.get(method, method.lower()), None
+    if task:
+        return {"PUT": "upload", "DELETE": "delete", "GET": "get"}.get(method, method.lower()), task
+    return method.lower(), None

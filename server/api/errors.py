@@ -152,8 +152,13 @@ def install_error_handlers(app: FastAPI) -> None:
         elif status == 405:
             allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or "?"
             message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+        elif isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body" for bad UTF-8
+            bad = exc.__cause__
+            return error_response(APIError(400, f"invalid JSON in the request body: not UTF-8 at byte {bad.start} "
+                                           f"({bad.reason})", code="invalid_json", param="body"))
         else:
-            message = f"{exc.detail} ({where})"
+            cause = f": {exc.__cause__}" if exc.__cause__ is not None and status == 400 else ""
+            message = f"{exc.detail} ({where}){cause}"
         kind = "not_found_error" if status == 404 else "server_error" if status >= 500 else "invalid_request_error"
         return JSONResponse(error_body(message, kind, _HTTP_CODES.get(status)), status_code=status,
                             headers=exc.headers)

@@ -200,11 +200,12 @@ class RouteDoc:
 
 _RETRY = {429, 503}
 _BAD_BODY = "Invalid JSON (the message names line, column and character), or a body not sent as application/json"
+_WRONG_LISTENER = "asked on the admin listener (--admin-port), which serves only admin and operations routes"
 _GEN = {
     200: "Generated text (application/json), or Server-Sent Events (text/event-stream) when \"stream\": true.",
     400: f"{_BAD_BODY}; an input too long for the context, the KV cache or --max-input-tokens.",
     401: "--api-key is set and 'Authorization: Bearer <key>' is missing or wrong.",
-    404: "Unknown task or model.",
+    404: f"Unknown task or model; or {_WRONG_LISTENER}.",
     413: "Request body larger than --max-request-bytes.",
     422: "Validation failed: a field's type or range, an unknown field, or an empty input.",
     429: "The waiting queue is full (--max-waiting / --max-waiting-tokens); retry after Retry-After seconds.",
@@ -225,10 +226,11 @@ ROUTES: dict[tuple[str, str], RouteDoc] = {
     ("POST", "/v1/generate"): RouteDoc(_GEN, {200: None}, "apiKey", stream="native"),
     ("POST", "/v1/completions"): RouteDoc(_GEN, {200: Completion}, "apiKey", stream="openai"),
     ("POST", "/v1/chat/completions"): RouteDoc(_CHAT, {200: ChatCompletion}, "apiKey", stream="openai"),
-    ("GET", "/v1/tasks"): RouteDoc({200: "The servable tasks, sorted by name.", 401: _GEN[401]},
-                                   {200: TaskList}, "apiKey"),
+    ("GET", "/v1/tasks"): RouteDoc({200: "The servable tasks, sorted by name.", 401: _GEN[401],
+                                    404: f"Only when {_WRONG_LISTENER}."}, {200: TaskList}, "apiKey"),
     ("GET", "/v1/models"): RouteDoc({200: "The base model, then every servable task.", 401: _GEN[401],
-                                     503: _GEN[503]}, {200: ModelList}, "apiKey"),
+                                     404: f"Only when {_WRONG_LISTENER}.", 503: _GEN[503]}, {200: ModelList},
+                                    "apiKey"),
     ("PUT", "/v1/admin/prompts/{task}"): RouteDoc({
         200: "Replaced (or an identical re-upload): the stored prompt.",
         201: "Created: the stored prompt.",
@@ -290,9 +292,13 @@ def _sse_event(kind: str) -> dict[str, Any]:
         "event": {"type": "string"}, "data": data, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
+#: Every operation may also answer this (a server fault; the traceback stays in the server log).
+_INTERNAL = {500: "A server fault (code internal_error); the details are in the server log."}
+
+
 def _responses(doc: RouteDoc, generated: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for status, description in sorted(doc.statuses.items()):
+    for status, description in sorted({**doc.statuses, **_INTERNAL}.items()):
         resp: dict[str, Any] = {"description": description}
         if status < 400:
             if doc.media_type != "application/json":

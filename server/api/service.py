@@ -13,9 +13,16 @@ from fastapi.sse import format_sse_event
 
 from prompt_store.registry import SoftPrompt
 from server.api.accounting import annotate
-from server.api.deps import RETRY_AFTER_DEAD
+from server.api.deps import RETRY_AFTER_DEAD, RETRY_AFTER_DRAINING
 from server.api.errors import APIError
-from server.engine import Engine, EngineDeadError, EngineOverloadedError, RequestOutput, RequestRejectedError
+from server.engine import (
+    Engine,
+    EngineClosedError,
+    EngineDeadError,
+    EngineOverloadedError,
+    RequestOutput,
+    RequestRejectedError,
+)
 from server.request import Request, SamplingParams
 from server.request_builder import make_request
 
@@ -64,10 +71,13 @@ def submit(engine: Engine, req: Request):
 
     Raises:
         APIError: 429 with ``Retry-After`` when the waiting queue is full (by requests or tokens); 503 with
-            ``Retry-After`` when the engine is dead.
+            ``Retry-After`` when the engine is dead or a shutdown drains it.
     """
     try:
         return engine.submit(req)
+    except EngineClosedError as exc:
+        raise APIError(503, str(exc), type="server_error", code="draining",
+                       headers={"Retry-After": str(RETRY_AFTER_DRAINING)}) from exc
     except EngineOverloadedError as exc:
         raise APIError(429, str(exc), type="server_error", code="overloaded",
                        headers={"Retry-After": str(exc.retry_after)}) from exc
@@ -87,8 +97,13 @@ async def abort_on_disconnect(http: HTTPRequest | None, engine: Engine, request_
 
 
 async def collect(engine: Engine, req: Request, stream, http: HTTPRequest | None = None) -> tuple[str, RequestOutput]:
-    """Wait for all of ``req``'s text. If the client disconnects or the caller is cancelled, the request is
-    aborted so its row and KV are freed at the next engine step."""
+    """Wait for all of ``req``'s text; returns it and the final output. If the client disconnects or the caller is
+    cancelled, the request is aborted so its row and KV are freed at the next engine step.
+
+    Raises:
+        APIError: 499 when the request was aborted (its client left); 503 ``engine_error`` with ``Retry-After`` when
+            generation failed (the engine loop died or stopped, or the row's logits were unusable).
+    """
     parts: list[str] = []
     last: RequestOutput | None = None
     watcher = asyncio.create_task(abort_on_disconnect(http, engine, req.request_id))
@@ -104,7 +119,7 @@ async def collect(engine: Engine, req: Request, stream, http: HTTPRequest | None
         raise APIError(499, "client closed the request", code="client_closed")
     if last is None or last.finish_reason == "error":
         raise APIError(503, f"generation failed: {last.error if last else 'no output'}", type="server_error",
-                       code="engine_error")
+                       code="engine_error", headers={"Retry-After": str(RETRY_AFTER_DEAD)})
     return "".join(parts), last
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prompt_store.diskio import plain_exec_mode
+from prompt_store.diskio import plain_dir_mode
 from server.attention.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def build_kernel(cache_dir: Path | None = None) -> Path:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
         if res.returncode != 0:
             raise RuntimeError(f"compiler exited {res.returncode}: {(res.stderr or res.stdout)[-2000:]}")
-        os.chmod(tmp, plain_exec_mode())  # mkstemp made it 0600 (0711 once linked): other users could not load it
+        os.chmod(tmp, plain_dir_mode())  # 0o777 & ~umask, as a linker's own output; mkstemp's 0600 (0711 once
+        # linked) would keep other users from loading it
         os.replace(tmp, target)  # atomic: a concurrent process sees the whole file or none
         log.info("built the paged decode kernel in %.1f s: %s", time.perf_counter() - t0, target)
     finally:

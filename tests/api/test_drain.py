@@ -59,6 +59,10 @@ def test_drain_refuses_new_work_and_lets_running_requests_finish(slow_live_serve
     result: list[int] = []
     drainer = threading.Thread(target=lambda: result.append(srv.state.drain(30)))
     drainer.start()
+    end = time.monotonic() + 5
+    while not srv.state.draining:  # set by drain() on its thread
+        assert time.monotonic() < end
+        time.sleep(0.005)
     r = srv.http.get(f"{srv.url}/ready")
     assert r.status_code == 503 and r.json()["draining"] is True
     r = srv.http.post(f"{srv.url}/v1/generate", json=BODY)
@@ -88,3 +92,33 @@ def test_drain_timeout_ends_the_rest_with_finish_reason_shutdown(slow_live_serve
     assert took < 5
     assert not srv.engine.scheduler.has_work() and srv.engine.core.pool.num_used == 0
     assert srv.metric("softprompt_requests_total", {"reason": "shutdown"}) == 4
+
+
+def test_drain_waits_for_a_request_still_being_tokenized_and_refuses_it(slow_live_server, monkeypatch):
+    import server.api.openai_compat as oc
+
+    srv = slow_live_server(STEP_DELAY_S)
+    real = oc._render_chat
+    rendering = threading.Event()
+
+    def slow_render(tok, messages):  # chat templates render in a worker thread: make that take 1 s
+        rendering.set()
+        time.sleep(1.0)
+        return real(tok, messages)
+
+    monkeypatch.setattr(oc, "_render_chat", slow_render)
+    out: list = []
+    body = {"model": srv.engine.loaded.model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    t = threading.Thread(target=lambda: out.append(httpx.post(f"{srv.url}/v1/chat/completions", json=body,
+                                                               timeout=30)))
+    t.start()
+    assert rendering.wait(10)  # past the route's draining check, not in the engine yet
+    assert srv.state.in_flight == 1 and srv.engine.num_open == 0
+    t0 = time.monotonic()
+    assert srv.state.drain(30) == 0
+    waited = time.monotonic() - t0
+    t.join(30)
+    assert out[0].status_code == 503 and out[0].json()["error"]["code"] == "draining"
+    assert out[0].headers["retry-after"] == "1"
+    assert 0.5 < waited < 5  # the drain waited for the request's answer, not for nothing
+    assert srv.engine.num_open == 0

@@ -57,6 +57,13 @@ def test_bytes_that_are_not_utf8_are_invalid_json(client):
     assert err["code"] == "invalid_json" and err["message"].startswith("invalid JSON in the request body at line 1")
 
 
+def test_invalid_utf8_inside_a_string_is_invalid_json_naming_the_byte(client):
+    body = b'{"inputs": "caf\xe9"}'  # latin-1, not UTF-8
+    err = error_of(client.post("/v1/generate", content=body, headers={"content-type": "application/json"}), 400)
+    assert err["code"] == "invalid_json" and err["param"] == "body"
+    assert "not UTF-8 at byte 15" in err["message"]
+
+
 @pytest.mark.parametrize(("ctype", "got"), [("text/plain", "Content-Type 'text/plain'"), (None, "no Content-Type")])
 def test_body_not_sent_as_json_is_400(client, ctype, got):
     headers = {"content-type": ctype} if ctype else {}

@@ -13,17 +13,17 @@ from server.api.openapi import ROUTES, PromptDeleted, PromptInfo, PromptList, Pr
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 INFERENCE = ["/v1/tasks/{task}/generate", "/v1/generate", "/v1/completions", "/v1/chat/completions"]
 #: The statuses the issue asks each operation to document, exactly.
-EXPECTED = {
-    **{("POST", p): {200, 400, 401, 404, 413, 422, 429, 503} for p in INFERENCE},
-    ("GET", "/v1/tasks"): {200, 401},
-    ("GET", "/v1/models"): {200, 401, 503},
-    ("PUT", "/v1/admin/prompts/{task}"): {200, 201, 400, 401, 403, 404, 409, 413, 422, 503},
-    ("GET", "/v1/admin/prompts"): {200, 401, 403, 404},
-    ("GET", "/v1/admin/prompts/{task}"): {200, 401, 403, 404},
-    ("DELETE", "/v1/admin/prompts/{task}"): {200, 401, 403, 404, 409, 422, 503},
-    ("GET", "/health"): {200, 503},
-    ("GET", "/ready"): {200, 503},
-    ("GET", "/metrics"): {200},
+EXPECTED = {  # every operation also lists 500 (a server fault)
+    **{("POST", p): {200, 400, 401, 404, 413, 422, 429, 500, 503} for p in INFERENCE},
+    ("GET", "/v1/tasks"): {200, 401, 404, 500},
+    ("GET", "/v1/models"): {200, 401, 404, 500, 503},
+    ("PUT", "/v1/admin/prompts/{task}"): {200, 201, 400, 401, 403, 404, 409, 413, 422, 500, 503},
+    ("GET", "/v1/admin/prompts"): {200, 401, 403, 404, 500},
+    ("GET", "/v1/admin/prompts/{task}"): {200, 401, 403, 404, 500},
+    ("DELETE", "/v1/admin/prompts/{task}"): {200, 401, 403, 404, 409, 422, 500, 503},
+    ("GET", "/health"): {200, 500, 503},
+    ("GET", "/ready"): {200, 500, 503},
+    ("GET", "/metrics"): {200, 500},
 }
 
 

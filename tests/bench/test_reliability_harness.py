@@ -7,7 +7,7 @@ import pytest
 from bench import prom
 from bench.faults import Result, stray_entries
 from bench.loadtest import TASKS, Outcome, aggregate, backoff_s, evaluate, make_plan, task_inputs
-from bench.procs import metric_sum, raw_prompt_bytes, retry_after_ok
+from bench.procs import count_by_label, metric_sum, raw_prompt_bytes, retry_after_ok
 
 EXPO = """\
 # HELP softprompt_requests_total Generation requests by task and outcome.
@@ -39,6 +39,14 @@ def test_metric_sum_over_labels():
     assert metric_sum(samples, "softprompt_running_requests") is None
 
 
+def test_count_by_label():
+    samples = {("softprompt_requests_total", (("status", "200"), ("task", "a"))): 3.0,
+               ("softprompt_requests_total", (("status", "200"), ("task", "b"))): 2.0,
+               ("softprompt_requests_total", (("status", "429"), ("task", "a"))): 1.0,
+               ("other_total", (("status", "200"),)): 9.0}
+    assert count_by_label(samples, "softprompt_requests_total", "status") == {"200": 5.0, "429": 1.0}
+
+
 def _outcomes() -> list[Outcome]:
     return [
         Outcome("task", True, 200, 1.0, final_ok=True, tokens=4),
@@ -67,15 +75,19 @@ def test_evaluate_targets():
     fig = aggregate(_outcomes(), wall_s=2.0)
     fig.update(rss_before_bytes=1000, rss_after_bytes=1150, server_counted=6.0)
     met = {name: ok for name, ok, _ in evaluate(fig)}
+    once = "server counts every request once, with its status"
     assert met == {"every request 200 or 429/503+Retry-After": False, "0 connection errors": False,
                    "every 200 ends with its final event": False, "RSS after within 10% of before": False,
-                   "server counts every request once": True}
+                   once: False}  # the right total, but no per-status figures: a miss
     good = aggregate([Outcome("task", True, 200, 1.0, final_ok=True), Outcome("task", False, 429, 0.1,
                                                                               retry_after="1")], 1.0)
-    good.update(rss_before_bytes=1000, rss_after_bytes=1090, server_counted=2.0)
+    good.update(rss_before_bytes=1000, rss_after_bytes=1090, server_counted=2.0,
+                server_by_status={"200": 1, "429": 1})
     assert all(ok for _, ok, _ in evaluate(good))
+    good["server_by_status"] = {"200": 2}  # right total, wrong statuses (a 429 counted as 200)
+    assert not dict((n, ok) for n, ok, _ in evaluate(good))[once]
     good["server_counted"] = None  # unknown is a miss
-    assert not dict((n, ok) for n, ok, _ in evaluate(good))["server counts every request once"]
+    assert not dict((n, ok) for n, ok, _ in evaluate(good))[once]
 
 
 def test_backoff_after_rejections():

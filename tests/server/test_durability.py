@@ -132,11 +132,11 @@ def test_model_cache_is_0644(tmp_path, tiny_loaded, monkeypatch, umask_022):
 
 
 def test_plain_modes_follow_the_umask(tmp_path):
-    from prompt_store.diskio import apply_plain_modes, current_umask, plain_dir_mode, plain_exec_mode, plain_file_mode
+    from prompt_store.diskio import apply_plain_modes, current_umask, plain_dir_mode, plain_file_mode
 
     old = os.umask(0o027)
     try:
-        assert (current_umask(), plain_file_mode(), plain_dir_mode(), plain_exec_mode()) == (0o027, 0o640, 0o750, 0o750)
+        assert (current_umask(), plain_file_mode(), plain_dir_mode()) == (0o027, 0o640, 0o750)
         d = tmp_path / "d"
         d.mkdir(mode=0o700)
         (d / "f").write_bytes(b"x")
@@ -211,3 +211,15 @@ def test_refusals_by_the_admin_gate_are_audited(make_client, caplog):
         "admin action=delete task=qa outcome=admin_disabled status=403 client=testclient",
     ]
     assert not any("wrong-token" in r.getMessage() for r in caplog.records)
+
+
+def test_admin_requests_no_route_handled_are_audited_too(client, admin_headers, caplog):
+    with caplog.at_level(logging.INFO, logger="softprompt.audit"):
+        client.put(f"{URL}/qa", headers=admin_headers, files={"other": ("x.safetensors", b"1")})  # no "file" field
+        client.post(f"{URL}/qa", headers=admin_headers)
+        client.get("/v1/admin/whatever", headers=admin_headers)
+    assert audit_lines(caplog) == [
+        "admin action=upload task=qa outcome=validation_error status=422 client=testclient",
+        "admin action=post task=qa outcome=method_not_allowed status=405 client=testclient",
+        "admin action=get outcome=not_found status=404 client=testclient",
+    ]

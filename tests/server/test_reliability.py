@@ -186,18 +186,30 @@ def test_token_bounded_queue_answers_429_with_retry_after(make_client, qa):
     assert value(families(client), REQS, "_total", status="429", reason="overloaded") == 1
 
 
-def test_retry_after_follows_the_finish_rate(tiny_loaded):
+def test_retry_after_follows_the_recent_completion_rate(tiny_loaded):
     engine = make_engine(tiny_loaded)
-    assert engine.retry_after() == 1  # no finishes seen yet
-    engine._finish_times.extend([0.0, 1.0, 2.0])  # 1 request/s
-    for _ in range(5):
-        engine.core.scheduler.waiting.append(new_request(Spec([1, 2], None, 2)))
+    assert engine.retry_after() == 1  # no completions seen yet
+    engine._charged.update({f"w{i}": 2 for i in range(5)})  # 5 requests waiting
+    now = time.monotonic()
+    engine._finish_times.extend([now - 2, now - 1, now])  # 1 request/s
     assert engine.retry_after() == 5
-    engine._finish_times.extend([2.0 + i / 1000 for i in range(1, 200)])
-    assert engine.retry_after() == 1  # fast finishing: at least 1 s
+    engine._finish_times.extend([now + i / 1000 for i in range(1, 200)])
+    assert engine.retry_after() == 1  # fast completions: at least 1 s
     engine._finish_times.clear()
-    engine._finish_times.extend([0.0, 100.0])
+    engine._finish_times.extend([now - 300, now - 200])  # old: outside the 60 s window
+    assert engine.retry_after() == 1
+    engine._finish_times.extend([now - 59, now])  # one completion in 59 s: 5 waiting need 295 s
     assert engine.retry_after() == 60  # capped
+
+
+def test_only_completions_count_toward_the_rate(make_client, qa):
+    client = make_client()
+    engine = client.app.state.sp.engine
+    slow_down(client)
+    gen(client, "qa", n=50, timeout=0.05)  # a timeout is not a completion
+    assert len(engine._finish_times) == 0
+    gen(client, "qa", n=2)
+    assert len(engine._finish_times) == 1
 
 
 # ------------------------------------------------------------------------------------------------ gates
@@ -315,3 +327,28 @@ def test_fuzz_finding_top_p_below_float32_is_served_and_the_engine_lives(make_cl
         r = client.post(url, json=body)
         assert r.status_code == 200, r.text
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_failed_generation_is_503_with_retry_after(make_client, qa):
+    client = make_client()
+    engine = client.app.state.sp.engine
+
+    def broken(rows):
+        raise RuntimeError("simulated device fault")
+
+    engine.runner._forward = broken
+    r = gen(client, "qa", n=3)
+    assert_error(r, 503, code="engine_error", contains=("simulated device fault",))
+    assert r.headers["retry-after"] == "10"
+    r = gen(client, "qa", n=3)  # the loop is dead now: refused before submission
+    assert_error(r, 503, code="engine_dead")
+    assert r.headers["retry-after"] == "10"
+
+
+def test_a_closed_engine_refuses_submissions_with_draining(make_client, qa):
+    client = make_client()
+    client.app.state.sp.engine.close()
+    r = gen(client, "qa", n=3)  # past the route's draining check (the app is not draining): the engine refuses
+    assert_error(r, 503, code="draining", contains=("shutting down",))
+    assert r.headers["retry-after"] == "1"
+    assert value(families(client), REQS, "_total", status="503", reason="draining") == 1
