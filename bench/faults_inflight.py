@@ -204,8 +204,10 @@ def disconnects(env: Env, n: int = 200, max_new_tokens: int = 200, settle_s: flo
               freed and last[0] <= settle_s, f"{'reached' if freed else 'NOT reached'} after {last[0]:.3f} s "
               f"(running {last[1]}, request blocks {last[2]}, waiting {last[3]})")
     cut = kinds.get("disconnected", 0)
-    res.check("the server counts each request once, a hung-up one as 499",
-              sum(counted.values()) == n and counted.get("499", 0) == cut,
+    # a client can hang up after its last byte was sent (the server rightly counts a 200 then): so every 499 is a
+    # hung-up client and every client that read its answer is a 200, not necessarily the converse
+    res.check("the server counts each request once; 499s only for clients that hung up",
+              sum(counted.values()) == n and counted.get("499", 0) <= cut and counted.get("200", 0) >= n - cut,
               f"server +{sum(counted.values())} {dict(sorted(counted.items()))} vs {n} sent, {cut} hung up")
     return res
 

@@ -56,6 +56,7 @@ class EngineCore:
         self.outputs = OutputProcessor(loaded.tokenizer, frozenset(loaded.eos_token_ids), metrics)
         self.steps = 0
         self._prefetch: OrderedDict[str, object] = OrderedDict()  # prompt key -> SoftPrompt, waiting for idle time
+        self._task_labels: tuple[str, str, str] | None = None  # softprompt_task_requests_info's current labels
 
     def add(self, req: Request) -> None:
         """Queue a request (its text pipeline starts once the scheduler took it).
@@ -149,6 +150,19 @@ class EngineCore:
         self.refresh_gauges()
         return plan, outs
 
+    def _publish_tasks(self) -> None:
+        """``softprompt_task_requests_info``: one child whose labels list the running and the waiting requests'
+        tasks (sorted, comma-separated; base-model requests are not a task), replaced when the lists change."""
+        sched = self.scheduler
+        running = ",".join(sorted({r.task for r in sched.running if r.task}))
+        waiting = ",".join(sorted({r.task for r in sched.waiting if r.task}))
+        labels = (running, waiting, str(self.config.max_num_seqs))
+        gauge = self.metrics.task_requests_info
+        if labels != self._task_labels:
+            gauge.clear()
+            self._task_labels = labels
+        gauge.labels(*labels).set(time.time())
+
     def refresh_gauges(self) -> None:
         """Running/waiting requests and KV blocks by owner (shared prompt blocks vs requests' own)."""
         m, pool = self.metrics, self.pool
@@ -160,6 +174,8 @@ class EngineCore:
         m.kv_blocks.labels("requests").set(pool.num_used - prompt_blocks)
         m.kv_blocks.labels("free").set(pool.num_free)
         m.kv_blocks_saved.set(self.prompt_cache.blocks_saved)
+        m.kv_usage.set((pool.num_used - self.prompt_cache.idle_blocks) / pool.num_blocks)
+        self._publish_tasks()
         m.prompt_kv_cached.set(len(self.prompt_cache))
         m.prompt_kv_bytes.set(self.prompt_cache.nbytes)
         m.prompt_kv_tail_bytes.set(self.runner.tail_bytes)

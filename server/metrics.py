@@ -80,6 +80,19 @@ class Metrics:
             "softprompt_kv_cache_blocks_saved", "KV blocks that sharing prompt KV saves now (each running request "
             "beyond the first of a prompt would otherwise hold its own copy).", registry=r,
         )
+        self.kv_usage = Gauge(
+            "softprompt_kv_cache_usage_perc", "Fraction (0-1) of the KV pool's blocks held by running requests, "
+            "their prompts' shared blocks included; cached prompts no request uses are evictable and not counted. "
+            "The KV-utilization gauge of the Gateway API Inference Extension's model-server protocol (vLLM: "
+            "vllm:kv_cache_usage_perc).", registry=r,
+        )
+        self.task_requests_info = Gauge(
+            "softprompt_task_requests_info", "Tasks of the running and of the waiting requests, as comma-separated "
+            "labels, for task-affine routing: the adapter-info gauge of the Gateway API Inference Extension's "
+            "model-server protocol (vLLM: vllm:lora_requests_info; a task's soft prompt plays the LoRA adapter's "
+            "part). max_lora: most distinct tasks in one batch (= --max-num-seqs). Value: last update, unix seconds.",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r,
+        )
         self.prompt_kv_cached = Gauge(
             "softprompt_prompt_kv_cached", "Soft prompts whose virtual-token KV is cached.", registry=r
         )

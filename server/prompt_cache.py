@@ -83,6 +83,11 @@ class PromptKVCache:
         return sum(len(e.full_blocks) for e in self._entries.values())
 
     @property
+    def idle_blocks(self) -> int:
+        """Pool blocks of entries no running request uses (kept under the budget, evictable on demand)."""
+        return sum(len(e.full_blocks) for e in self._entries.values() if e.users == 0)
+
+    @property
     def blocks_saved(self) -> int:
         """Pool blocks that sharing saves now: every user beyond the first of an entry would need its own copy."""
         return sum(len(e.full_blocks) * max(e.users - 1, 0) for e in self._entries.values())

@@ -168,3 +168,30 @@ def test_gauges_drop_to_zero_after_an_abort(tiny_loaded):
         assert gauges() == (0, 0)
     finally:
         engine.stop()
+
+
+def test_inference_extension_gauges_track_tasks_and_kv_use(tiny_loaded):
+    """The Gateway API Inference Extension reads the KV utilization and the adapter-info gauge (tasks as labels)."""
+    from srv_helpers import make_prompt, queue_all, run_sync
+
+    engine = make_engine(tiny_loaded, max_num_seqs=2, max_num_batched_tokens=64)
+    alpha, beta, gamma = (make_prompt(t, rand_tensor(n, seed=i)) for i, (t, n) in
+                          enumerate([("alpha", 20), ("beta", 3), ("gamma", 5)]))
+
+    def read():
+        fams = {f.name: f for f in text_string_to_metric_families(engine.metrics.render().decode())}
+        info = [(s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"], s.labels["max_lora"])
+                for s in samples(fams, "softprompt_task_requests_info")]
+        return info, value(fams, "softprompt_kv_cache_usage_perc")
+
+    queue_all(engine, [Spec([5, 6, 7], alpha, 6), Spec([5, 6], None, 6), Spec([7, 8], beta, 6),
+                       Spec([9], gamma, 6), Spec([4], beta, 6)])
+    engine.step()  # alpha and the base request run (2 sequences); beta, gamma, beta wait
+    info, usage = read()
+    assert info == [("alpha", "beta,gamma", "2")]
+    pool, cache = engine.core.pool, engine.core.prompt_cache
+    assert usage == (pool.num_used - cache.idle_blocks) / pool.num_blocks and usage > 0
+    run_sync(engine, [])
+    info, usage = read()
+    assert info == [("", "", "2")]  # one child only: the old label sets were removed
+    assert usage == 0.0 and pool.num_used > 0  # alpha's prompt blocks stay cached, idle and evictable
