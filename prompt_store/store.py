@@ -35,6 +35,7 @@ from prompt_store.diskio import (
     write_raw,
 )
 from prompt_store.errors import PromptError
+from prompt_store.events import CallbackMixin, Event
 from prompt_store.formats import Limits, ParsedPrompt, load_path, parse_upload, validate_task_name
 from prompt_store.registry import PromptRegistry, SoftPrompt
 from prompt_store.versions import BOOK_NAME, VersionBook
@@ -42,7 +43,7 @@ from prompt_store.watching import WatchingMixin
 
 logger = logging.getLogger("prompt_store")
 
-_Event = tuple  # ("load", SoftPrompt, action) | ("error", entry, exc) | ("remove", task)
+_Event = Event
 
 
 def task_for_entry(name: str) -> str | None:
@@ -56,7 +57,7 @@ def task_for_entry(name: str) -> str | None:
     return name[: -len(RAW_SUFFIX)] if name.endswith(RAW_SUFFIX) else name
 
 
-class PromptStore(WatchingMixin):
+class PromptStore(CallbackMixin, WatchingMixin):
     """Loads a prompt directory into ``registry``, watches it, and writes uploads into it atomically.
 
     Args:
@@ -116,27 +117,6 @@ class PromptStore(WatchingMixin):
         if self.directory is None:
             raise RuntimeError("this PromptStore has no directory (memory-only); expected a directory")
         return self.directory
-
-    # ------------------------------------------------------------------------------------------- callbacks
-    def _fire(self, events: Iterable[_Event]) -> None:
-        for event in events:
-            try:
-                if event[0] == "load":
-                    _, prompt, action = event
-                    logger.info("prompt %s %s: v%d, %s", prompt.task, action, prompt.version, prompt.source)
-                    if self._on_load is not None:
-                        self._on_load(prompt, action)
-                elif event[0] == "error":
-                    _, entry, exc = event
-                    logger.warning("prompt entry %s refused: %s", entry, exc)
-                    if self._on_error is not None:
-                        self._on_error(entry, exc)
-                else:
-                    logger.info("prompt %s removed", event[1])
-                    if self._on_remove is not None:
-                        self._on_remove(event[1])
-            except Exception:
-                logger.exception("prompt_store callback failed for event %s", event[0])
 
     # ------------------------------------------------------------------------------------------- versions
     def _put_locked(self, task: str, parsed: ParsedPrompt, source: str) -> tuple[SoftPrompt, str]:

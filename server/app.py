@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
+from prompt_store.location import open_store
 from prompt_store.registry import PromptRegistry, SoftPrompt
+from prompt_store.remote import RemoteStore
 from prompt_store.store import PromptStore
 from server import __version__
 from server.api import admin, generate, openai_compat, ops
@@ -47,7 +49,7 @@ class AppState:
     registry: PromptRegistry = field(default_factory=PromptRegistry)
     loaded: LoadedModel | None = None
     engine: Engine | None = None
-    store: PromptStore | None = None
+    store: PromptStore | RemoteStore | None = None
     ready: bool = False
     draining: bool = False  # set once by drain(): /ready 503, new requests 503
     in_flight: int = 0  # generation requests inside the app (server.api.accounting), event-loop thread only
@@ -66,12 +68,13 @@ class AppState:
         self.engine.start(background=not self.engine_on_caller)
         m = self.metrics
         m.prompts_loaded.set_function(lambda: len(self.registry))
-        self.store = PromptStore(
+        self.store = open_store(
             s.prompts,
             self.registry,
             self.loaded.prompt_limits(s.max_virtual_tokens, s.max_prompt_bytes),
             on_load=self._on_load,
             on_error=self._on_error,
+            poll_interval=s.prompts_poll_interval,
         )
         if s.prompts is None and s.memory_prompts and s.admin_token is not None:
             log.warning("no --prompts directory and --memory-prompts: admin uploads are kept in memory only and "

@@ -45,8 +45,15 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
 
     # --- prompts ----------------------------------------------------------------------------------------------
-    prompts: Path | None = Field(None, description="Directory of soft prompts, watched for changes; admin uploads "
-                                 "are written there.")
+    prompts: Path | str | None = Field(
+        None, description="Directory of soft prompts, watched for changes, or the URL of a store shared by replicas "
+        "(s3://bucket/prefix through s3fs, with AWS_ENDPOINT_URL and the other AWS_* variables; file:///dir; "
+        "memory://name for tests), polled every --prompts-poll-interval seconds; admin uploads are written there.",
+    )
+    prompts_poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between polls of a shared prompt store (--prompts URL); an upload or delete "
+        "through any replica is served everywhere within about this long.",
+    )
     memory_prompts: bool = Field(
         False, description="With no --prompts directory, accept admin uploads anyway and keep them in memory only "
         "(lost on restart). Off: such uploads are refused (409).",
@@ -142,6 +149,14 @@ class Settings(BaseSettings):
     def _blank_token_is_none(cls, v: SecretStr | None) -> SecretStr | None:
         """An empty or blank token or key means that gate is off, never "any empty bearer matches"."""
         return v if v is not None and v.get_secret_value().strip() else None
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_location(cls, v: object) -> Path | str | None:
+        """A plain path stays a :class:`Path` (the watched directory); a URL must be s3://, file:// or memory://."""
+        from prompt_store.location import normalize_location
+
+        return normalize_location(v)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
