@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -176,3 +180,55 @@ def test_memory_url_keeps_the_admin_rules(make_client, admin_headers):
                                                                                          "deleted": True}
     finally:
         fsspec.filesystem("memory").rm("/shared-admin-test", recursive=True)
+
+
+@pytest.mark.skipif(os.environ.get("SOFTPROMPT_TEST_TWO_PROCESSES") != "1",
+                    reason="two real `softprompt serve` processes on the default model (about 30 s); "
+                    "run with SOFTPROMPT_TEST_TWO_PROCESSES=1")
+def test_two_serve_processes_share_one_bucket(s3_url, tmp_path):
+    """The same convergence check with two real ``softprompt serve`` processes (SmolLM2-135M, hidden size 576)."""
+    serve = [sys.executable, "-m", "softprompt_cli", "serve", "--host", "127.0.0.1", "--max-num-seqs", "4",
+             "--max-num-batched-tokens", "64", "--kv-cache-bytes", str(16 * 1024**2), "--prompt-kv-cache-bytes", "0",
+             "--prompts", s3_url, "--prompts-poll-interval", str(POLL_S), "--log-level", "warning"]
+    procs, bases = [], []
+    try:
+        for name in ("a", "b"):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            with open(tmp_path / f"{name}.log", "wb") as out:
+                procs.append(subprocess.Popen([*serve, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                              env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": TOKEN}))
+            bases.append(f"http://127.0.0.1:{port}")
+
+        def ready(base: str) -> bool:
+            try:
+                return httpx.get(f"{base}/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        for proc, base in zip(procs, bases, strict=True):
+            wait_until(lambda base=base, proc=proc: proc.poll() is None and ready(base), f"{base} ready", 180)
+        a, b = bases
+        t = torch.randn(4, 576, generator=torch.Generator().manual_seed(21))
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            r = http.put(f"{a}/v1/admin/prompts/proc-qa",
+                         files={"file": ("qa.safetensors", safetensors.torch.save({"p": t}))})
+            assert r.status_code == 201, r.text
+            upload_s = wait_until(lambda: http.get(f"{b}/v1/admin/prompts/proc-qa").status_code == 200,
+                                  "process B serves A's upload")
+            assert http.post(f"{b}/v1/tasks/proc-qa/generate",
+                             json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+            assert http.delete(f"{b}/v1/admin/prompts/proc-qa").status_code == 200
+            delete_s = wait_until(lambda: http.get(f"{a}/v1/admin/prompts/proc-qa").status_code == 404,
+                                  "process A drops B's delete")
+        print(f"\ntwo processes (poll {POLL_S} s): upload A->B {upload_s:.2f} s, delete B->A {delete_s:.2f} s")
+        assert upload_s <= CONVERGE_S and delete_s <= CONVERGE_S
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
