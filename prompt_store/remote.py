@@ -204,8 +204,9 @@ class RemoteStore(CallbackMixin):
         return counts
 
     def scan(self) -> dict[str, int]:
-        """Bring the registry in line with the store now; return ``{"loaded": n, "errors": m}`` (``errors``:
-        manifests refused in this pass, each reported once through ``on_error``).
+        """Bring the registry in line with the store now; return ``{"loaded": n, "errors": m}`` (``loaded``: tasks
+        whose newest manifest is live and was accepted; ``errors``: manifests newly refused in this pass, each
+        reported once through ``on_error``; one already refused is counted in neither).
 
         Raises:
             OSError: the store cannot be listed (network, credentials, a missing bucket).
