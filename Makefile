@@ -13,7 +13,7 @@ PORT ?= 8000
 SOFTPROMPT_ADMIN_TOKEN ?= dev-admin-token
 export SOFTPROMPT_ADMIN_TOKEN
 
-.PHONY: setup model serve test lint bench clean gpu-wheels gpu-check loadtest fuzz faults
+.PHONY: setup model serve test lint bench clean gpu-wheels gpu-check loadtest fuzz faults nginx docker-test
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,22 @@ model: $(MODEL_STAMP)
 serve: model
 	$(VENV)/bin/softprompt serve --prompts examples/prompts --host $(HOST) --port $(PORT) $(ARGS)
 
-test: model
+test: model nginx
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# nginx for tests/deploy/test_nginx.py (Debian's package; the test runs its own instance on a free port). Installed
+# only as root or with password-less sudo; otherwise the test says it skips for lack of nginx.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "nginx missing and no root: apt-get install -y nginx (tests/deploy/test_nginx.py will skip)"; exit 0; fi; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx \
+	    || { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }; }
+
+# Build the image on a debootstrapped stand-in base, run it read-only as the Deployment does and call it (README
+# "Deploying"). Needs a running Docker engine and root. Not part of `make test`.
+docker-test: setup
+	PYTHON=$(PY) docker/docker-test.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

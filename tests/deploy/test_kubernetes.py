@@ -162,8 +162,8 @@ def test_termination_grace_outlasts_the_drain(deployment, container):
     )
     assert drain == 30
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] == 45
-    assert spec["terminationGracePeriodSeconds"] > pre_stop + drain + 5
+    assert spec["terminationGracePeriodSeconds"] == 50
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 15  # README "Reliability": drain + 15 s
 
 
 def test_security_context(deployment, container):
