@@ -182,9 +182,6 @@ def test_memory_url_keeps_the_admin_rules(make_client, admin_headers):
         fsspec.filesystem("memory").rm("/shared-admin-test", recursive=True)
 
 
-@pytest.mark.skipif(os.environ.get("SOFTPROMPT_TEST_TWO_PROCESSES") != "1",
-                    reason="two real `softprompt serve` processes on the default model (about 30 s); "
-                    "run with SOFTPROMPT_TEST_TWO_PROCESSES=1")
 def test_two_serve_processes_share_one_bucket(s3_url, tmp_path):
     """The same convergence check with two real ``softprompt serve`` processes (SmolLM2-135M, hidden size 576)."""
     serve = [sys.executable, "-m", "softprompt_cli", "serve", "--host", "127.0.0.1", "--max-num-seqs", "4",
