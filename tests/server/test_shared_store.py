@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -36,7 +37,7 @@ CONVERGE_S = 5.0
 
 @pytest.fixture
 def s3_url(monkeypatch) -> Iterator[str]:
-    """A moto S3 server on a free loopback port, found by botocore through AWS_ENDPOINT_URL; an empty bucket."""
+    """A moto S3 server on a free loopback port, found by botocore through AWS_ENDPOINT_URL; a new, empty bucket."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -46,9 +47,10 @@ def s3_url(monkeypatch) -> Iterator[str]:
         monkeypatch.setenv(name, value)
     import s3fs
 
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
+    bucket = f"{BUCKET}-{uuid.uuid4().hex[:8]}"  # moto keeps its buckets per process, across servers
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
     try:
-        yield f"s3://{BUCKET}/replicas"
+        yield f"s3://{bucket}/replicas"
     finally:
         server.stop()
 
