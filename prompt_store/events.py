@@ -7,6 +7,7 @@ Stores collect events under their lock and fire them after releasing it.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 
 from prompt_store.registry import SoftPrompt
@@ -43,3 +44,43 @@ class CallbackMixin:
                         self._on_remove(event[1])
             except Exception:
                 logger.exception("prompt_store callback failed for event %s", event[0])
+
+
+class StoreBase(CallbackMixin):
+    """What the directory store and the shared store have in common besides the callbacks: the registry
+    pass-throughs and one background thread (the directory watcher, or the poller) with its stop and ready events.
+
+    Subclasses set ``registry`` and call :meth:`_init_background` in their constructor.
+    """
+
+    registry: object  # prompt_store.registry.PromptRegistry
+
+    def _init_background(self) -> None:
+        self._stop_event = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _start_background(self, target: Callable[[], None], name: str, timeout: float) -> bool:
+        """Start ``target`` on a daemon thread unless it runs already; wait up to ``timeout`` seconds for it to set
+        ``self._ready`` and return whether it did."""
+        if self._thread is None:
+            self._stop_event.clear()
+            self._ready.clear()
+            self._thread = threading.Thread(target=target, name=name, daemon=True)
+            self._thread.start()
+        return self._ready.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the background thread (it finishes the pass in progress) and wait up to ``timeout`` seconds."""
+        self._stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def get(self, task: str) -> SoftPrompt | None:
+        """The registered prompt of ``task``, or ``None`` (pass-through to the registry)."""
+        return self.registry.get(task)
+
+    def list(self) -> list[SoftPrompt]:
+        """All registered prompts sorted by task (pass-through to the registry)."""
+        return self.registry.list()

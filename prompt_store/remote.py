@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from prompt_store.blobs import Blobs
-from prompt_store.events import CallbackMixin, Event
+from prompt_store.events import Event, StoreBase
 from prompt_store.formats import ARCHIVE_SLACK_BYTES, Limits, ParsedPrompt, parse_upload, validate_task_name
 from prompt_store.manifest import (
     LIVE,
@@ -55,7 +55,7 @@ GC_GRACE_SECONDS = 60.0
 MAX_CLAIMS = 16
 
 
-class RemoteStore(CallbackMixin):
+class RemoteStore(StoreBase):
     """Loads a shared prompt store into ``registry``, polls it, and writes uploads and deletes into it.
 
     The interface of :class:`prompt_store.store.PromptStore` (``scan``, ``start_watching``, ``stop``, ``upload``,
@@ -95,9 +95,7 @@ class RemoteStore(CallbackMixin):
         self._lock = threading.RLock()
         self._applied: dict[str, str] = {}  # task -> key of the newest manifest already acted on
         self._reported: dict[str, str] = {}  # task -> key of the last manifest reported through on_error
-        self._stop_event = threading.Event()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_background()
 
     @property
     def directory(self) -> str:
@@ -237,19 +235,7 @@ class RemoteStore(CallbackMixin):
         Waits up to ``timeout`` seconds for its first poll and returns whether it finished. A second call returns
         the first one's state.
         """
-        if self._thread is None:
-            self._stop_event.clear()
-            self._ready.clear()
-            self._thread = threading.Thread(target=self._poll_loop, name="prompt-store-poll", daemon=True)
-            self._thread.start()
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the poller (it finishes a poll in progress) and wait up to ``timeout`` seconds for it."""
-        self._stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        return self._start_background(self._poll_loop, "prompt-store-poll", timeout)
 
     # ------------------------------------------------------------------------------------------- writing
     def _task_newest(self, task: str) -> tuple[ManifestKey | None, list[str]]:
@@ -374,10 +360,3 @@ class RemoteStore(CallbackMixin):
         self._fire(events)
         return existed or removed is not None
 
-    def get(self, task: str) -> SoftPrompt | None:
-        """The registered prompt of ``task``, or ``None`` (pass-through to the registry)."""
-        return self.registry.get(task)
-
-    def list(self) -> list[SoftPrompt]:
-        """All registered prompts sorted by task (pass-through to the registry)."""
-        return self.registry.list()

@@ -35,7 +35,7 @@ from prompt_store.diskio import (
     write_raw,
 )
 from prompt_store.errors import PromptError
-from prompt_store.events import CallbackMixin, Event
+from prompt_store.events import Event, StoreBase
 from prompt_store.formats import Limits, ParsedPrompt, load_path, parse_upload, validate_task_name
 from prompt_store.registry import PromptRegistry, SoftPrompt
 from prompt_store.versions import BOOK_NAME, VersionBook
@@ -57,7 +57,7 @@ def task_for_entry(name: str) -> str | None:
     return name[: -len(RAW_SUFFIX)] if name.endswith(RAW_SUFFIX) else name
 
 
-class PromptStore(CallbackMixin, WatchingMixin):
+class PromptStore(StoreBase, WatchingMixin):
     """Loads a prompt directory into ``registry``, watches it, and writes uploads into it atomically.
 
     Args:
@@ -107,9 +107,7 @@ class PromptStore(CallbackMixin, WatchingMixin):
         self._debounce_ms = debounce_ms
         self._lock = threading.RLock()
         self._seen: dict[str, tuple | None] = {}  # entry name -> signature when last reconciled
-        self._stop_event = threading.Event()
-        self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_background()
         self._book = VersionBook(self.directory) if self.directory is not None else None
         self._book_reported = False
 
@@ -353,10 +351,3 @@ class PromptStore(CallbackMixin, WatchingMixin):
         self._fire(events)
         return existed or removed is not None
 
-    def get(self, task: str) -> SoftPrompt | None:
-        """The registered prompt of ``task``, or ``None`` (pass-through to the registry)."""
-        return self.registry.get(task)
-
-    def list(self) -> list[SoftPrompt]:
-        """All registered prompts sorted by task (pass-through to the registry)."""
-        return self.registry.list()

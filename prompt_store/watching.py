@@ -7,7 +7,6 @@ Split from :mod:`prompt_store.store` to keep modules short; :class:`WatchingMixi
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -89,16 +88,4 @@ class WatchingMixin:
         """
         if self.directory is None:
             return False
-        if self._thread is None:
-            self._stop_event.clear()
-            self._ready.clear()
-            self._thread = threading.Thread(target=self._watch_loop, name="prompt-store-watch", daemon=True)
-            self._thread.start()
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the watcher thread (within about 0.1 s) and wait up to ``timeout`` seconds for it."""
-        self._stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        return self._start_background(self._watch_loop, "prompt-store-watch", timeout)

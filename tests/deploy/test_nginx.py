@@ -322,7 +322,7 @@ def test_429_passes_through_with_retry_after_and_is_not_retried(cluster):
             r = generate(http, c.url, "alpha", "third")
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "overloaded"
-        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert r.headers["retry-after"] == "1"  # the replica's own value (no completion seen yet), passed through
     finally:
         gate.set()
     first.join(60)

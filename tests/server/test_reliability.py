@@ -159,7 +159,7 @@ def test_full_queue_answers_429_with_retry_after(make_client, qa):
         assert wait_for(lambda: engine._inbox.qsize() == 1)  # b waits in the inbox: nothing drains it meanwhile
         r = gen(client, None, "third", 3)
         assert_error(r, 429, code="overloaded", contains=("1 requests already waiting",))
-        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert r.headers["retry-after"] == "1"  # no request completed yet: no rate to go by
     ta.join(60)
     tb.join(60)
     assert ra["r"].status_code == 200 and rb["r"].status_code == 200
@@ -177,7 +177,7 @@ def test_token_bounded_queue_answers_429_with_retry_after(make_client, qa):
         assert wait_for(lambda: engine.queued_tokens > 8)
         r = gen(client, None, "hi", 3)
         assert_error(r, 429, code="overloaded", contains=("prompt tokens already waiting", "limit of 8"))
-        assert 1 <= int(r.headers["retry-after"]) <= 60
+        assert r.headers["retry-after"] == "1"  # no request completed yet: no rate to go by
     ta.join(60)
     tb.join(60)
     assert ra["r"].status_code == 200 and rb["r"].status_code == 200
