@@ -109,7 +109,7 @@ EXPOSE 8000
 # /health: 200 while the engine loop lives (503 once it died). On the admin listener when SOFTPROMPT_ADMIN_PORT is set.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('SOFTPROMPT_ADMIN_PORT') or os.environ.get('SOFTPROMPT_PORT', '8000'); urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4)"]
-# SIGTERM drains (--drain-timeout, 30 s, plus 5 s for the last responses): stop with a grace period of 45 s
+# SIGTERM drains (--drain-timeout, 30 s, then at most 30 s more in the worst case): stop with a grace period of 60 s
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["softprompt-entrypoint"]
 CMD []

@@ -8,7 +8,7 @@
 #   4. docker run as the Deployment runs it (read-only root, a tmpfs /tmp, a cache volume, --log-level info), then:
 #      /ready within READY_TIMEOUT s, /v1/tasks lists the example tasks, a generate on date-format, /metrics,
 #      the process runs as UID 10001, `softprompt train --help` and `softprompt eval --help` work inside, a
-#      prompt upload lands on the /prompts volume, the HEALTHCHECK turns healthy, and `docker stop -t 45` with
+#      prompt upload lands on the /prompts volume, the HEALTHCHECK turns healthy, and `docker stop -t 60` with
 #      requests in flight drains them (each answered 200 with its finish reason) and exits 0.
 #
 # Needs a running Docker engine and root (debootstrap). Exits non-zero at the first failed check.
@@ -137,7 +137,7 @@ until [[ $(docker inspect -f '{{.State.Health.Status}}' "$NAME") == healthy ]]; 
 done
 echo "health: $(docker inspect -f '{{.State.Health.Status}}, last probe exit {{(index .State.Health.Log 0).ExitCode}}' "$NAME")"
 
-step "docker stop -t 45 with requests in flight (graceful drain)"
+step "docker stop -t 60 with requests in flight (graceful drain)"
 # 6 base-model requests of up to 256 tokens each, sampled (seeded), so some are still decoding when SIGTERM comes
 pids=()
 for i in 1 2 3 4 5 6; do
@@ -149,7 +149,7 @@ done
 sleep 2
 stop_at=$(date +%s.%N)
 s0=$SECONDS
-docker stop -t 45 "$NAME" >/dev/null
+docker stop -t 60 "$NAME" >/dev/null
 for pid in "${pids[@]}"; do wait "$pid" || fail "an in-flight request failed"; done
 code=$(docker inspect -f '{{.State.ExitCode}}' "$NAME")
 echo "stopped in $((SECONDS - s0)) s, exit code $code"

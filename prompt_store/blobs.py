@@ -26,6 +26,14 @@ from typing import Any
 
 import fsspec
 
+try:  # botocore's own errors (EndpointConnectionError, ReadTimeoutError, ...) are not OSErrors
+    from botocore.exceptions import BotoCoreError
+
+    #: What a failed object-store call may raise.
+    STORE_ERRORS: tuple[type[BaseException], ...] = (OSError, BotoCoreError)
+except ImportError:  # no s3fs/botocore: only fsspec's own backends, which raise OSError
+    STORE_ERRORS = (OSError,)
+
 #: Serialises :meth:`Blobs.create` on process-local file systems (``memory://`` is one store per process).
 _CREATE_LOCK = threading.Lock()
 
@@ -61,13 +69,23 @@ class Blobs:
         return f"{self.root}/{key}"
 
     def ensure_root(self) -> None:
-        """Create the root for ``file://`` (nothing to do for object stores, whose prefixes need no creating).
+        """Create the root for ``file://``; for S3, check that the bucket exists (prefixes need no creating).
 
         Raises:
-            OSError: the directory cannot be created.
+            OSError: the directory cannot be created; ``FileNotFoundError`` for a missing bucket.
         """
         if self.is_local:
             os.makedirs(self.root, exist_ok=True)
+        else:
+            self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        """Raise ``FileNotFoundError`` when the store is S3 and its bucket does not exist (a typo in the URL, or a
+        bucket removed): that must never read as an empty store, whose replicas would drop every prompt."""
+        if self.is_s3:
+            bucket = self.root.lstrip("/").split("/", 1)[0]
+            if not self.fs.exists(bucket):
+                raise FileNotFoundError(f"S3 bucket {bucket!r} of {self.url} does not exist")
 
     def find(self, prefix: str) -> dict[str, float | None]:
         """Every key under ``prefix`` (a folder key such as ``"manifests"``) -> its last-modified unix time.
@@ -81,6 +99,7 @@ class Blobs:
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
+            self._check_bucket()  # an absent prefix is empty; an absent bucket is an error
             return {}
         out: dict[str, float | None] = {}
         strip = self.root.lstrip("/") + "/"

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from prompt_store.blobs import Blobs
+from prompt_store.blobs import STORE_ERRORS, Blobs
 from prompt_store.events import Event, StoreBase
 from prompt_store.formats import ARCHIVE_SLACK_BYTES, Limits, ParsedPrompt, parse_upload, validate_task_name
 from prompt_store.manifest import (
@@ -173,7 +173,7 @@ class RemoteStore(StoreBase):
                 if parsed is None:
                     return "skipped"
                 self._register(task, parsed, m.version, self.blobs.path(m.object), events)
-        except (ValueError, OSError) as exc:  # PromptError and StoreObjectError are ValueErrors
+        except (ValueError, *STORE_ERRORS) as exc:  # PromptError and StoreObjectError are ValueErrors
             if self._reported.get(task) != mkey.key:  # once per manifest
                 self._reported[task] = mkey.key
                 events.append(("error", mkey.key, exc))
@@ -260,7 +260,7 @@ class RemoteStore(StoreBase):
             objects = self.blobs.find(f"{OBJECTS}/{task}")
             self.blobs.remove([k for k, mtime in objects.items()
                                if k != keep and mtime is not None and mtime < cutoff])
-        except (ValueError, OSError):
+        except (ValueError, *STORE_ERRORS):
             logger.warning("prompt store %s: collecting old entries of task %s failed", self.blobs.url, task,
                            exc_info=True)
 
@@ -285,44 +285,47 @@ class RemoteStore(StoreBase):
         suffix, body = encode_object(parsed, data)
         okey, osha = object_key(task, suffix, body)
         events: list[Event] = []
-        with self._lock:
-            written = False
-            for _ in range(MAX_CLAIMS):
-                newest, _keys = self._task_newest(task)
-                if newest is not None and newest.kind == LIVE:
-                    raw = self.blobs.read(newest.key, MAX_MANIFEST_BYTES)
-                    try:
-                        same = raw is not None and parse_manifest(newest, raw).sha256 == digest
-                    except ValueError:
-                        same = False  # a corrupt newest manifest is replaced by this upload
-                    if same:
-                        prompt = self._register(task, parsed, newest.version, self.blobs.path(okey), events)
-                        self._applied[task] = newest.key
-                        action = "unchanged"
-                        break
-                if not written:  # first the object; every writer re-puts it, which refreshes its age for GC
-                    self.blobs.put(okey, body)
-                    written = True
-                version = newest.version + 1 if newest is not None else 1
-                m = Manifest(task=task, version=version, object=okey, object_bytes=len(body), object_sha256=osha,
-                             sha256=digest, peft_type=parsed.peft_type, written_at=time.time())
-                mkey = manifest_key(task, version, LIVE)
-                if not self.blobs.create(mkey, m.to_bytes()):
-                    continue  # another writer claimed this version: look again
-                action = "created" if newest is None or newest.kind != LIVE else "replaced"
-                latest, _keys = self._task_newest(task)
-                if latest is not None and latest.key != mkey:  # a concurrent, higher version wins everywhere
-                    prompt = PromptRegistry().put(task, parsed, self.blobs.path(okey), digest=digest,
-                                                  version=lambda _d, _h, v=version: v)[0]
+        try:  # events of a committed write are fired even if cleaning up after it fails
+            with self._lock:
+                written = False
+                for _ in range(MAX_CLAIMS):
+                    newest, _keys = self._task_newest(task)
+                    if newest is not None and newest.kind == LIVE:
+                        raw = self.blobs.read(newest.key, MAX_MANIFEST_BYTES)
+                        try:  # the same content, and its object intact: a corrupt or missing one gets a new version
+                            m = parse_manifest(newest, raw) if raw is not None else None
+                            same = m is not None and m.sha256 == digest and self._load_object(newest, m) is not None
+                        except ValueError:
+                            same = False  # a corrupt newest manifest or object is replaced by this upload
+                        if same:
+                            prompt = self._register(task, parsed, newest.version, self.blobs.path(okey), events)
+                            self._applied[task] = newest.key
+                            action = "unchanged"
+                            break
+                    if not written:  # first the object; every writer re-puts it, which refreshes its age for GC
+                        self.blobs.put(okey, body)
+                        written = True
+                    version = newest.version + 1 if newest is not None else 1
+                    m = Manifest(task=task, version=version, object=okey, object_bytes=len(body), object_sha256=osha,
+                                 sha256=digest, peft_type=parsed.peft_type, written_at=time.time())
+                    mkey = manifest_key(task, version, LIVE)
+                    if not self.blobs.create(mkey, m.to_bytes()):
+                        continue  # another writer claimed this version: look again
+                    action = "created" if newest is None or newest.kind != LIVE else "replaced"
+                    latest, _keys = self._task_newest(task)
+                    if latest is not None and latest.key != mkey:  # a concurrent, higher version wins everywhere
+                        prompt = PromptRegistry().put(task, parsed, self.blobs.path(okey), digest=digest,
+                                                      version=lambda _d, _h, v=version: v)[0]
+                    else:
+                        prompt = self._register(task, parsed, version, self.blobs.path(okey), events)
+                        self._applied[task] = mkey
+                    self._collect(task)
+                    break
                 else:
-                    prompt = self._register(task, parsed, version, self.blobs.path(okey), events)
-                    self._applied[task] = mkey
-                self._collect(task)
-                break
-            else:
-                raise OSError(f"upload of task {task!r} to {self.blobs.url}: {MAX_CLAIMS} versions in a row were "
-                              "claimed by concurrent writers; expected one to be free")
-        self._fire(events)
+                    raise OSError(f"upload of task {task!r} to {self.blobs.url}: {MAX_CLAIMS} versions in a row were "
+                                  "claimed by concurrent writers; expected one to be free")
+        finally:
+            self._fire(events)
         return prompt, action
 
     def delete(self, task: str) -> bool:

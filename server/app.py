@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: After a drain ended the remaining requests, seconds to wait for their last bytes before giving up on them.
 STUCK_SECONDS = 10.0
+#: Most seconds :meth:`AppState.stop` waits for the prompt store's thread, then for the engine loop.
+STOP_STORE_SECONDS, STOP_ENGINE_SECONDS = 5.0, 10.0
 
 
 @dataclass
@@ -121,11 +123,13 @@ class AppState:
         return cut
 
     def stop(self) -> None:
+        """Shut-down's second half (the lifespan's): stop the prompt store's watcher or poller (at most
+        ``STOP_STORE_SECONDS``), then the engine (at most ``STOP_ENGINE_SECONDS``)."""
         self.ready = False
         if self.store is not None:
-            self.store.stop()
+            self.store.stop(STOP_STORE_SECONDS)
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.stop(STOP_ENGINE_SECONDS)
 
     def _on_load(self, prompt: SoftPrompt, action: str) -> None:
         if action in ("created", "replaced"):

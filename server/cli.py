@@ -19,6 +19,10 @@ from server.config import Settings
 
 #: After a drain, seconds uvicorn waits for open connections to finish writing their last responses.
 FLUSH_SECONDS = 5
+#: Worst case, seconds from the end of the drain timeout to the exit: a stuck engine (server.app.STUCK_SECONDS), the
+#: flush, then the lifespan's stops (STOP_STORE_SECONDS, STOP_ENGINE_SECONDS). A supervisor must wait
+#: --drain-timeout + this before SIGKILL: 60 s with the defaults (tests/deploy check the manifests against it).
+SHUTDOWN_SLACK_SECONDS = 30
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +113,10 @@ def _serve(args: argparse.Namespace) -> int:
             break
         threads[0].join(0.2)
     engine = state.engine
-    if engine is None:  # never started: nothing runs the loop
+    if engine is None or not state.ready:  # the start-up failed (e.g. the prompt store is unreachable) or a
+        if engine is not None:             # listener could not bind: exit 1 at once rather than run a loop
+            engine.stop()                  # nobody can reach
+        exit_all()
         for t in threads:
             t.join()
         return 1

@@ -115,3 +115,17 @@ def test_serve_exits_1_when_the_port_is_taken():
                               env={**os.environ, "SOFTPROMPT_ADMIN_TOKEN": ""})
     assert proc.returncode == 1, proc.stderr.decode()[-2000:]
     assert b"address already in use" in proc.stderr.lower() or b"errno 98" in proc.stderr.lower()
+
+
+def test_serve_exits_1_when_the_prompt_store_is_unreachable(tmp_path):
+    """A start-up that fails (here: an S3 endpoint nobody listens on) ends the process with 1, not a loop that
+    nothing can reach (Kubernetes then restarts it instead of waiting out the startup probe)."""
+    env = {**os.environ, "SOFTPROMPT_ADMIN_TOKEN": "", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_MAX_ATTEMPTS": "1"}
+    t0 = time.monotonic()
+    proc = subprocess.run([*SERVE, "--port", str(_free_port()), "--prompts", "s3://nowhere/prompts"],
+                          capture_output=True, timeout=180, env=env)
+    out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, out[-2000:]
+    assert "startup failed" in out.lower() and time.monotonic() - t0 < 120

@@ -164,13 +164,15 @@ def test_port_host_and_environment_match_deployment_and_compose():
 
 
 def test_stop_signal_and_grace_cover_the_drain():
-    from server.cli import FLUSH_SECONDS
+    from server.app import STOP_ENGINE_SECONDS, STOP_STORE_SECONDS, STUCK_SECONDS
+    from server.cli import FLUSH_SECONDS, SHUTDOWN_SLACK_SECONDS
     from server.config import Settings
 
     assert _effective("server", "STOPSIGNAL") == ["SIGTERM"]
+    assert STUCK_SECONDS + FLUSH_SECONDS + STOP_STORE_SECONDS + STOP_ENGINE_SECONDS <= SHUTDOWN_SLACK_SECONDS
     drain = Settings.model_fields["drain_timeout"].default
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["softprompt"]
-    assert compose["stop_grace_period"] == "45s" and 45 > drain + FLUSH_SECONDS
+    assert compose["stop_grace_period"] == "60s" and 60 >= drain + SHUTDOWN_SLACK_SECONDS
 
 
 # --- HEALTHCHECK, run for real --------------------------------------------------------------------------------

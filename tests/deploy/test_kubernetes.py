@@ -162,8 +162,10 @@ def test_termination_grace_outlasts_the_drain(deployment, container):
     )
     assert drain == 30
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] == 50
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 15  # README "Reliability": drain + 15 s
+    from server.cli import SHUTDOWN_SLACK_SECONDS
+
+    assert spec["terminationGracePeriodSeconds"] == 65
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + SHUTDOWN_SLACK_SECONDS
 
 
 def test_security_context(deployment, container):

@@ -265,3 +265,19 @@ def test_file_url_store_and_manifest_names(tmp_path, limits, raw_bytes):
     blobs = open_blobs(url)
     assert blobs.create("manifests/qa/0000000001.live.json", b"{}") is False
     assert parse_manifest_key("manifests/qa/0000000001.gone.json").kind == "gone"
+
+
+def test_reuploading_the_same_content_repairs_a_corrupt_object(replica, raw_bytes):
+    a, _ = replica()
+    b, rec_b = replica()
+    data = raw_bytes(emb(4, 7))
+    p1, action = a.upload("qa", "qa.safetensors", data)
+    assert (action, p1.version) == ("created", 1)
+    (key,) = [k for k in a.blobs.find("objects") if k.startswith("objects/qa/")]
+    a.blobs.put(key, b"corrupted in place")  # the object rots after its manifest was written
+    assert b.scan() == {"loaded": 0, "errors": 1} and rec_b.errors[0][1] == "bad_object"
+    p2, action = a.upload("qa", "qa.safetensors", data)  # the same file again: not "unchanged", a repair
+    assert (action, p2.version) == ("replaced", 2)
+    assert b.scan()["loaded"] == 1 and b.get("qa").version == 2 and torch.equal(b.get("qa").embeddings, emb(4, 7))
+    _, action = a.upload("qa", "qa.safetensors", data)  # now it is intact: unchanged
+    assert action == "unchanged"

@@ -231,3 +231,28 @@ def test_two_serve_processes_share_one_bucket(s3_url, tmp_path):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_a_missing_bucket_is_an_error_never_an_empty_store(s3_url, tiny_loaded):
+    """A typo in the bucket, or a bucket removed under running replicas, must not read as "no prompts": that would
+    make every replica drop every task without a word."""
+    import s3fs
+
+    from prompt_store.location import open_store
+    from prompt_store.registry import PromptRegistry
+
+    limits = tiny_loaded.prompt_limits(128, 16 * 1024 * 1024)
+    missing = open_store("s3://no-such-bucket-here/p", PromptRegistry(), limits, poll_interval=POLL_S)
+    with pytest.raises(FileNotFoundError, match="no-such-bucket-here"):
+        missing.scan()
+    errors: list = []
+    store = open_store(s3_url, PromptRegistry(), limits, poll_interval=POLL_S,
+                       on_error=lambda entry, exc: errors.append(type(exc).__name__))
+    t = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    store.upload("qa", "qa.safetensors", safetensors.torch.save({"p": t}))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket = s3_url.removeprefix("s3://").split("/")[0]
+    fs.rm(bucket, recursive=True)
+    with pytest.raises(FileNotFoundError):
+        store.scan()
+    assert store.get("qa") is not None and torch.equal(store.get("qa").embeddings, t)  # still served
