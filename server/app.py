@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -55,6 +56,10 @@ class AppState:
     ready: bool = False
     draining: bool = False  # set once by drain(): /ready 503, new requests 503
     in_flight: int = 0  # generation requests inside the app (server.api.accounting), event-loop thread only
+    # admin uploads and deletes run here, not in asyncio's default executor, which tokenizes inputs: a slow or
+    # unreachable object store then holds up admin calls only, never inference
+    store_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompt-store-io"))
     engine_on_caller: bool = False  # the engine loop runs on the thread that calls Engine.run_forever (serve)
 
     def start(self) -> None:
@@ -126,6 +131,7 @@ class AppState:
         """Shut-down's second half (the lifespan's): stop the prompt store's watcher or poller (at most
         ``STOP_STORE_SECONDS``), then the engine (at most ``STOP_ENGINE_SECONDS``)."""
         self.ready = False
+        self.store_executor.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:
             self.store.stop(STOP_STORE_SECONDS)
         if self.engine is not None:

@@ -91,7 +91,8 @@ async def upload_prompt(task: str, request: Request, state: State, _: Admin,
             raise APIError(413, f"upload is larger than the limit of {limit} bytes", code="too_large")
         store = _store(state)
         try:
-            prompt, action = await asyncio.to_thread(store.upload, task, file.filename or "", data)
+            prompt, action = await asyncio.get_running_loop().run_in_executor(
+                state.store_executor, store.upload, task, file.filename or "", data)
         except PromptError as exc:
             state.metrics.prompt_load_errors.labels(exc.reason).inc()
             raise _prompt_error(exc) from exc
@@ -135,7 +136,7 @@ async def delete_prompt(task: str, request: Request, state: State, _: Admin) -> 
         _check_writable(state, "delete")
         _check_name(task)
         prompt = state.registry.get(task)
-        if not await asyncio.to_thread(_store(state).delete, task):
+        if not await asyncio.get_running_loop().run_in_executor(state.store_executor, _store(state).delete, task):
             raise APIError(404, f"unknown task {task!r}", type="not_found_error", code="task_not_found")
     except Exception as exc:
         outcome, status = _refusal(exc)
