@@ -116,7 +116,8 @@ class VersionBook:
         except FileNotFoundError:
             others = [n for n in _listdir(self.path.parent) if not n.startswith(".")]
             if others:
-                logger.warning("version book %s is missing; prompt versions restart from the files (%d entries)",
+                logger.info("version book %s is missing (a first start?); prompt versions start from the files (%d "
+                            "entries)",
                                self.path, len(others))
             return
         except (OSError, UnicodeDecodeError) as exc:

@@ -29,7 +29,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"SOFTPROMPT_{name.upper()}"
-        helptext = f"{info.description or ''} [env {env}]".strip()
+        default = info.get_default(call_default_factory=True)
+        shown = "" if default is None or isinstance(default, SecretStr) else f" (default: {default})"
+        helptext = f"{info.description or ''}{shown} [env {env}]".strip()
         if info.annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
             continue

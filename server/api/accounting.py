@@ -90,9 +90,12 @@ class RequestAccounting:
         state = scope["app"].state.sp
         info = scope.get(SCOPE_KEY, {})
         task = info.get("task")
-        if task is None:
+        if task is None:  # refused before the route ran: the path may still say
             named = match.group("task")
-            task = named if named and state.registry.get(named) is not None else UNKNOWN_TASK
+            if scope["path"] == "/v1/generate":
+                task = "_base"
+            else:
+                task = named if named and state.registry.get(named) is not None else UNKNOWN_TASK
         status, reason = info.get("status", sent["status"]), info.get("reason")
         if (status is None or status == CLIENT_CLOSED or not sent["complete"]
                 or (status == 200 and reason not in FINISHED)):

@@ -193,6 +193,8 @@ def test_resources_are_bounded(container):
     for key in ("cpu", "memory"):
         assert res["requests"][key] == res["limits"][key]  # Guaranteed QoS: no CPU throttling surprises
     assert _env(container)["SOFTPROMPT_TORCH_THREADS"]["value"] == res["requests"]["cpu"]
+    # the server's resident memory with the default model and KV pool: 4,459 MiB under load (README "Reliability")
+    assert res["limits"]["memory"] == "6Gi" and 6 * 1024 > 4459 * 1.2
 
 
 def test_settings_and_references_exist(core, container):

@@ -292,6 +292,7 @@ def test_every_generation_request_is_counted_once_with_its_final_status(make_cli
         (gen(client, "nope"), ("_unknown", "404", "task_not_found")),
         (client.post("/v1/tasks/qa/generate", json={"inputs": 5}), ("qa", "422", "validation_error")),
         (client.post("/v1/tasks/nope/generate", json={}), ("_unknown", "422", "validation_error")),
+        (client.post("/v1/generate", json={"inputs": 5}), ("_base", "422", "validation_error")),
         (gen(client, "qa", n=0), ("qa", "422", "validation_error")),
         (gen(client, None, ""), ("_base", "422", "empty_input")),
         (gen(client, "qa", n=400), ("qa", "400", "context_length_exceeded")),
@@ -313,7 +314,7 @@ def test_every_generation_request_is_counted_once_with_its_final_status(make_cli
     for _, key in sent:
         expected[key] = expected.get(key, 0) + 1
     err = r.json()["error"]
-    expected[("_unknown", "400", err["code"] or err["type"])] = 1
+    expected[("_base", "400", err["code"] or err["type"])] = 1  # /v1/generate is the base model's route
     assert got == sorted((*k, float(v)) for k, v in expected.items())
     assert value(fams, "softprompt_request_latency_seconds", "_count") == 4  # the 200s
 
