@@ -184,6 +184,10 @@ class Blobs:
                     self.fs.pipe_file(self.path(key), data, mode="create")
         except FileExistsError:
             return False
+        except OSError as exc:  # AWS answers 409 ConditionalRequestConflict to racing conditional writes of a key
+            if self.is_s3 and "ConditionalRequestConflict" in str(exc):
+                return False  # another writer is claiming it: the caller looks again
+            raise
         return True
 
     def remove(self, keys: list[str]) -> None:
