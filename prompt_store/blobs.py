@@ -22,9 +22,12 @@ import datetime
 import os
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from prompt_store.diskio import replace_file, write_file
 
 try:  # botocore's own errors (EndpointConnectionError, ReadTimeoutError, ...) are not OSErrors
     from botocore.exceptions import BotoCoreError
@@ -136,18 +139,9 @@ class Blobs:
             OSError: the write failed.
         """
         if self.is_local:
-            final = self.path(key)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = self._temp(final)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            finally:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            final = Path(self.path(key))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            replace_file(final.parent, final.name, data)  # temp file, fsync, rename, directory fsync
             return
         self.fs.pipe_file(self.path(key), data)
 
@@ -165,10 +159,7 @@ class Blobs:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             tmp = self._temp(final)
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                write_file(Path(tmp), data)
                 os.link(tmp, final)
             except FileExistsError:
                 return False

@@ -71,26 +71,31 @@ class EngineCore:
         """Finish ``req`` as aborted and free its KV; its final output, or None if it had already finished."""
         return self.end(req, RequestStatus.FINISHED_ABORTED)
 
-    def end(self, req: Request, status: RequestStatus) -> RequestOutput | None:
+    def end(self, req: Request, status: RequestStatus, refresh: bool = True) -> RequestOutput | None:
         """Finish ``req`` now with ``status`` (aborted, timeout or shutdown) and free its KV. Returns its final output
         (carrying the text held back so far, except for an abort, whose client is gone), or None if it had already
-        finished."""
+        finished. ``refresh=False`` leaves the gauges to the caller (ending many requests at once)."""
         if req.status.is_finished:
             return None
         self.scheduler.finish(req, status)
-        self.refresh_gauges()
+        if refresh:
+            self.refresh_gauges()
         text = "" if status == RequestStatus.FINISHED_ABORTED else self.outputs.flush(req)
         return self.outputs.finish_or_keep(req, make_output(req, text=text))
 
     def expire(self, now: float) -> list[RequestOutput]:
         """End every request whose deadline is at or before ``now`` (``time.monotonic()`` seconds) with finish
         reason "timeout"; their final outputs."""
-        outs = [self.end(r, RequestStatus.FINISHED_TIMEOUT) for r in self.scheduler.past_deadline(now)]
+        outs = [self.end(r, RequestStatus.FINISHED_TIMEOUT, refresh=False) for r in self.scheduler.past_deadline(now)]
+        if outs:
+            self.refresh_gauges()
         return [o for o in outs if o is not None]
 
     def end_all(self, status: RequestStatus) -> list[RequestOutput]:
         """End every running and waiting request with ``status``; their final outputs."""
-        outs = [self.end(r, status) for r in self.scheduler.unfinished()]
+        outs = [self.end(r, status, refresh=False) for r in self.scheduler.unfinished()]
+        if outs:
+            self.refresh_gauges()
         return [o for o in outs if o is not None]
 
     def has_work(self) -> bool:
